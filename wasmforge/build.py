@@ -1,0 +1,253 @@
+"""Build step drivers (autotools, make, cmake, script) run in one explicit context.
+
+Every step runs in a clean environment (no host CPATH, PKG_CONFIG_PATH, ...), with the WASI
+toolchain's tools, the flags of the recipe, and the dependencies' install prefixes visible through
+pkg-config and CFLAGS/LDFLAGS. Each step writes its own log under `logs/`; a failing step raises a
+BuildError with the log's tail and path.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .errors import BuildError
+from .recipe import Package
+from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, Toolchain
+
+Log = Callable[[str], None]
+# Passed to the clang driver at link time: clang would otherwise run any wasm-opt found on PATH.
+LINK_FLAGS = ("--no-wasm-opt",)
+HOST_ENV_KEPT = ("PATH", "HOME", "TMPDIR", "TERM", "CCACHE_DIR", "CCACHE_REMOTE_STORAGE")
+
+
+@dataclass(frozen=True)
+class Step:
+    name: str
+    argv: tuple[str, ...]
+    cwd: Path
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    name: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class BuildContext:
+    """Everything a build step needs; paths derived once, here."""
+
+    package: Package
+    config: Config
+    toolchain: Toolchain
+    work: Path
+    prefix: Path
+    deps: Mapping[str, Path]
+
+    @property
+    def src(self) -> Path:
+        return self.work / "src"
+
+    @property
+    def logs(self) -> Path:
+        return self.work / "logs"
+
+    @property
+    def destdir(self) -> Path:
+        return self.work / "destdir"
+
+    @property
+    def staged_prefix(self) -> Path:
+        """Where `make install DESTDIR=...` puts the files meant for `prefix`."""
+        return self.destdir / self.prefix.relative_to(self.prefix.anchor)
+
+    @property
+    def build_dir(self) -> Path:
+        return self.src if self.package.build.get("in_source", True) else self.work / "build"
+
+    @cached_property
+    def flags(self) -> dict[str, list[str]]:
+        build = self.package.build
+        base = self._base_context()
+        pkg = self.package
+        cflags = list(pkg.render(("cflags",), build.get("cflags", []), base))
+        ldflags = list(LINK_FLAGS) + list(pkg.render(("ldflags",), build.get("ldflags", []), base))
+        libs = list(pkg.render(("libs",), build.get("libs", []), base))
+        if self.package.exceptions:
+            if not self.toolchain.has_setjmp:
+                raise BuildError(f"{self.package.target} needs setjmp/longjmp (wasm exception handling), "
+                                 f"which this toolchain lacks: {self.toolchain.clang_version}, {self.toolchain.libc}",
+                                 hint="use clang >= 20 and a wasi-libc with setjmp: invoke toolchain --install")
+            cflags += EH_CFLAGS
+            libs += EH_LIBS
+        for prefix in self.deps.values():
+            cflags.append(f"-I{prefix / 'include'}")
+            ldflags.append(f"-L{prefix / 'lib'}")
+        return {"cflags": cflags, "ldflags": ldflags, "libs": libs}
+
+    def template_context(self) -> dict[str, Any]:
+        """What build templates can use: tools, joined flags, paths, jobs, dependency prefixes."""
+        return {**self._base_context(), **{k: shlex.join(v) for k, v in self.flags.items()}}
+
+    def _base_context(self) -> dict[str, Any]:
+        tools = {k.lower(): v for k, v in self.toolchain.env().items()}
+        return {
+            **tools,
+            "prefix": str(self.prefix),
+            "destdir": str(self.destdir),
+            "staged_prefix": str(self.staged_prefix),
+            "src": str(self.src),
+            "jobs": self.config.jobs,
+            "host": TARGET,
+            "sysroot": str(self.toolchain.sysroot),
+            "deps": {name: str(p) for name, p in self.deps.items()},
+        }
+
+    def render(self, path: tuple[str | int, ...], value: Any) -> Any:
+        return self.package.render(path, value, self.template_context())
+
+    def environment(self) -> dict[str, str]:
+        env = {k: os.environ[k] for k in HOST_ENV_KEPT if k in os.environ}
+        flags = self.flags
+        pkgconfig = [str(p / "lib" / "pkgconfig") for p in self.deps.values()]
+        env.update(self.toolchain.env())
+        env.update({
+            "LANG": "C",
+            "LC_ALL": "C",
+            "CFLAGS": shlex.join(flags["cflags"]),
+            "CXXFLAGS": shlex.join(flags["cflags"]),
+            "LDFLAGS": shlex.join(flags["ldflags"]),
+            "LIBS": shlex.join(flags["libs"]),
+            # Only our wasm prefixes: a host .pc file must never be found.
+            "PKG_CONFIG_LIBDIR": os.pathsep.join(pkgconfig) or str(self.work / "no-pkgconfig"),
+            "PKG_CONFIG_PATH": "",
+            "CONFIG_SITE": str(self.config.toolchain_dir / "config.site"),
+            "PREFIX": str(self.prefix),
+            "DESTDIR": str(self.destdir),
+            "JOBS": str(self.config.jobs),
+            "SOURCE_DATE_EPOCH": "0",
+        })
+        for key, value in self.render(("env",), dict(self.package.build.get("env", {}))).items():
+            env[key] = str(value)
+        return env
+
+
+def plan_steps(ctx: BuildContext) -> list[Step]:
+    build = ctx.package.build
+    system = build["system"]
+    env = ctx.environment()
+    jobs = str(ctx.config.jobs)
+    make_args = [str(a) for a in ctx.render(("make",), build.get("make", []))]
+    install_args = [str(a) for a in ctx.render(("install",), build.get("install", ["install"]))]
+    bdir = ctx.build_dir
+    steps: list[Step] = []
+    if system == "autotools":
+        configure = [str(ctx.src / "configure"), f"--host={TARGET}", f"--build={_build_triple()}",
+                     f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
+        steps += [Step("configure", tuple(configure), bdir, env),
+                  Step("make", ("make", f"-j{jobs}", *make_args), bdir, env)]
+        if install_args:
+            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, env))
+    elif system == "make":
+        steps.append(Step("make", ("make", f"-j{jobs}", *make_args), bdir, env))
+        if install_args:
+            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, env))
+    elif system == "cmake":
+        toolchain_file = write_cmake_toolchain(ctx)
+        build_dir = ctx.work / "build"
+        configure = ["cmake", "-S", str(ctx.src), "-B", str(build_dir), "-G", "Unix Makefiles",
+                     f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file}", f"-DCMAKE_INSTALL_PREFIX={ctx.prefix}",
+                     "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
+                     *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
+        targets = [a for t in make_args for a in ("--target", t)]
+        steps += [Step("configure", tuple(configure), ctx.src, env),
+                  Step("build", ("cmake", "--build", str(build_dir), "-j", jobs, *targets), ctx.src, env),
+                  Step("install", ("cmake", "--install", str(build_dir)), ctx.src, env)]
+    if "script" in build:
+        for i, line in enumerate(ctx.render(("script",), build["script"])):
+            steps.append(Step(f"script-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), ctx.src, env))
+    return steps
+
+
+def write_cmake_toolchain(ctx: BuildContext) -> Path:
+    tc = ctx.toolchain
+    flags = ctx.flags
+    text = "\n".join([
+        "# Written by wasmforge for this build: cross-compile to WASI with the chosen toolchain.",
+        f'list(APPEND CMAKE_MODULE_PATH "{ctx.config.toolchain_dir / "cmake"}")',
+        "set(CMAKE_SYSTEM_NAME WASI)",
+        "set(CMAKE_SYSTEM_VERSION 1)",
+        "set(CMAKE_SYSTEM_PROCESSOR wasm32)",
+        f'set(CMAKE_C_COMPILER "{tc.tool("clang")}")',
+        f'set(CMAKE_CXX_COMPILER "{tc.tool("clang++")}")',
+        f'set(CMAKE_AR "{tc.tool("ar")}" CACHE FILEPATH "")',
+        f'set(CMAKE_RANLIB "{tc.tool("ranlib")}" CACHE FILEPATH "")',
+        "set(CMAKE_C_COMPILER_TARGET wasm32-wasip1)",
+        f'set(CMAKE_SYSROOT "{tc.sysroot}")',
+        f'set(CMAKE_C_FLAGS_INIT "{" ".join(flags["cflags"])}")',
+        f'set(CMAKE_EXE_LINKER_FLAGS_INIT "{" ".join(flags["ldflags"] + flags["libs"])}")',
+        f'set(CMAKE_FIND_ROOT_PATH "{tc.sysroot}" {" ".join(chr(34) + str(p) + chr(34) for p in ctx.deps.values())})',
+        "set(CMAKE_FIND_ROOT_PATH_MODE_PROGRAM NEVER)",
+        "set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)",
+        "set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)",
+        "set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)",
+        "set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)",
+        "",
+    ])
+    path = ctx.work / "wasi-toolchain.cmake"
+    path.write_text(text)
+    return path
+
+
+def _build_triple() -> str:
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc:
+        out = subprocess.run([cc, "-dumpmachine"], capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    return f"{os.uname().machine}-pc-linux-gnu"
+
+
+def run_steps(ctx: BuildContext, steps: list[Step], *, log: Log = print, first_index: int = 1) -> list[StepTiming]:
+    ctx.logs.mkdir(parents=True, exist_ok=True)
+    timings = []
+    for index, step in enumerate(steps, first_index):
+        log_file = ctx.logs / f"{index:02d}-{step.name}.log"
+        step.cwd.mkdir(parents=True, exist_ok=True)
+        log(f"  [{ctx.package.target}] {step.name} (log: {log_file})")
+        start = time.perf_counter()
+        with log_file.open("w") as out:
+            out.write(f"$ cd {step.cwd}\n$ {shlex.join(step.argv)}\n\n")
+            out.flush()
+            try:
+                result = subprocess.run(step.argv, cwd=step.cwd, env=dict(step.env), stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            except OSError as exc:
+                raise BuildError(f"{step.name} step could not start: {exc}",
+                                 where=ctx.package.recipe.where(("build",)), details=f"log: {log_file}") from exc
+        seconds = time.perf_counter() - start
+        timings.append(StepTiming(step.name, seconds))
+        if result.returncode != 0:
+            raise BuildError(
+                f"{step.name} step of {ctx.package.target} failed (exit code {result.returncode})",
+                where=ctx.package.recipe.where(("build",)),
+                details=f"last lines of {log_file}:\n" + tail(log_file) + f"\nfull log: {log_file}",
+                hint="read the log; fix the recipe or add a patch, then build again",
+            )
+    return timings
+
+
+def tail(path: Path, lines: int = 25) -> str:
+    text = path.read_text(errors="replace").rstrip().splitlines()
+    return "\n".join("    " + line for line in text[-lines:])

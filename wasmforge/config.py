@@ -1,0 +1,64 @@
+"""The explicit configuration object passed down to every stage (no global state)."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    if env := os.environ.get("WASMFORGE_CACHE"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "wasmforge"
+
+
+def project_root() -> Path:
+    """The checkout that holds recipes/, patches/ and toolchain/."""
+    return Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path = field(default_factory=project_root)
+    output_dir: Path | None = None
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    # Local directories or base URLs searched for source files before upstream.
+    mirrors: tuple[str, ...] = ()
+    # Whether a miss at upstream may fall back to Debian's source archive.
+    use_debian_archive: bool = True
+
+    @classmethod
+    def from_env(cls, root: Path | None = None, **overrides: object) -> Config:
+        root = root or project_root()
+        mirrors = tuple(m for m in re.split(r"[\s,]+", os.environ.get("WASMFORGE_MIRRORS", "")) if m)
+        values: dict[str, object] = {"root": root, "mirrors": mirrors}
+        if out := os.environ.get("WASMFORGE_OUTPUT"):
+            values["output_dir"] = Path(out)
+        if os.environ.get("WASMFORGE_NO_DEBIAN_ARCHIVE"):
+            values["use_debian_archive"] = False
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+    @property
+    def recipes_dir(self) -> Path:
+        return self.root / "recipes"
+
+    @property
+    def patches_dir(self) -> Path:
+        return self.root / "patches"
+
+    @property
+    def toolchain_dir(self) -> Path:
+        return self.root / "toolchain"
+
+    @property
+    def outputs(self) -> Path:
+        return self.output_dir or (self.root / "build-output")
+
+    @property
+    def source_cache(self) -> Path:
+        return self.cache_dir / "sources"

@@ -1,0 +1,252 @@
+"""Build a target and its dependencies: sources -> patched tree -> build -> outputs -> AOT -> tests.
+
+Each package is built under a lock in a fresh work directory, installed into a staged prefix, tested
+there, and only then moved into `build-output/<pkg>/<version>[-<flavor>]/` with its manifest. A
+build that fails or is killed leaves no output directory that looks complete; the next build
+starts from scratch. A package whose output exists with the same build key is not rebuilt.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .build import BuildContext, StepTiming, plan_steps, run_steps
+from .config import Config
+from .errors import BuildError, SmokeTestError
+from .optimize import precompile
+from .patches import Patch, apply_series, patch_series
+from .recipe import Package, RecipeBook, Target
+from .runtime import Runner
+from .smoke import TestOutcome, run_smoke_tests
+from .sources import FetchedSource, extract_archive, fetch_sources
+from .toolchain import Toolchain
+
+Log = Callable[[str], None]
+MANIFEST = "manifest.json"
+# Bump when the build logic changes in a way that changes outputs.
+BUILD_LOGIC_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    target: str
+    output: Path
+    key: str
+    reused: bool
+    seconds: float
+
+
+def output_dir(config: Config, package: Package) -> Path:
+    return config.outputs / package.name / package.output_key
+
+
+def read_manifest(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_inputs(package: Package, toolchain: Toolchain, patches: list[Patch], dep_keys: dict[str, str]) -> dict[str, Any]:
+    """Everything that can change a build's output; the build key is their digest."""
+    return {
+        "wasmforge_build_logic": BUILD_LOGIC_VERSION,
+        "recipe": {"file": package.recipe.file.name, "sha256": package.recipe.digest},
+        "version": package.version,
+        "flavor": package.flavor,
+        "sources": [{"url": s.url, "sha256": s.sha256} for s in package.sources],
+        "patches": [{"name": p.name, "sha256": p.sha256} for p in patches],
+        "toolchain": toolchain.identity(),
+        "build": dict(package.build),
+        "dependencies": dep_keys,
+    }
+
+
+def build_key(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def build_target(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain, *,
+                 log: Log = print, force: bool = False, run_tests: bool = True) -> list[BuildResult]:
+    """Build `target` after its dependencies; returns one result per package, target last."""
+    results: list[BuildResult] = []
+    keys: dict[str, str] = {}
+    prefixes: dict[str, Path] = {}
+    for t in book.build_order(target):
+        package = book.package(t)
+        deps = {d.name: d for d in book.dependency_targets(package.recipe)}
+        result = build_package(package, config, toolchain,
+                               dep_keys={n: keys[n] for n in deps}, dep_prefixes={n: prefixes[n] for n in deps},
+                               log=log, force=force and t == target, run_tests=run_tests)
+        keys[t.name] = result.key
+        prefixes[t.name] = result.output
+        results.append(result)
+    return results
+
+
+@contextmanager
+def build_lock(config: Config, package: Package, log: Log) -> Iterator[None]:
+    locks = config.outputs / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"{package.target}.lock"
+    with path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"another build of {package.target} is running (lock {path}); waiting for it to finish")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def build_package(package: Package, config: Config, toolchain: Toolchain, *, dep_keys: dict[str, str],
+                  dep_prefixes: dict[str, Path], log: Log = print, force: bool = False,
+                  run_tests: bool = True) -> BuildResult:
+    patches = patch_series(config.patches_dir, package.name, package.patch_series,
+                           where=package.recipe.where(("versions", package.version, "patches")))
+    inputs = build_inputs(package, toolchain, patches, dep_keys)
+    key = build_key(inputs)
+    final = output_dir(config, package)
+    start = time.perf_counter()
+    with build_lock(config, package, log):
+        manifest = read_manifest(final)
+        if not force and manifest and manifest.get("key") == key:
+            log(f"{package.target}: up to date ({final})")
+            return BuildResult(package.target, final, key, True, time.perf_counter() - start)
+        log(f"{package.target}: building")
+        work = config.outputs / ".work" / package.target
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=final,
+                           deps=dep_prefixes)
+        ctx.logs.mkdir()
+        timings: list[StepTiming] = []
+
+        t0 = time.perf_counter()
+        fetched = fetch_sources(package.sources, config, log=log)
+        extract_archive(fetched.path, ctx.src)
+        timings.append(StepTiming("fetch+extract", time.perf_counter() - t0))
+        if fetched.spec.prepare:
+            timings += _prepare(ctx, fetched, log)
+        t0 = time.perf_counter()
+        apply_series(ctx.src, patches, ctx.logs / "00-patch.log")
+        timings.append(StepTiming("patch", time.perf_counter() - t0))
+
+        steps = plan_steps(ctx)
+        timings += run_steps(ctx, steps, log=log, first_index=len(timings))
+        outputs = _collect_outputs(ctx)
+        t0 = time.perf_counter()
+        for wasm in outputs:
+            precompile(wasm)
+        timings.append(StepTiming("precompile", time.perf_counter() - t0))
+
+        tests: list[TestOutcome] = []
+        if run_tests and package.tests:
+            log(f"{package.target}: smoke tests")
+            tests = run_smoke_tests(package, ctx.staged_prefix / "bin", Runner(), log=log)
+            failed = [t for t in tests if not t.passed]
+            if failed:
+                raise SmokeTestError(
+                    f"{len(failed)} of {len(tests)} smoke tests of {package.target} failed: "
+                    + ", ".join(t.name for t in failed),
+                    where=failed[0].where,
+                    details="\n".join(f"{t.name}:\n  " + "\n  ".join(t.problems) for t in failed),
+                    hint=f"the build's files are kept in {work} for inspection; nothing was installed")
+        shutil.copytree(ctx.logs, ctx.staged_prefix / "logs")
+        _write_manifest(ctx, key, inputs, fetched, timings, tests)
+        _publish(ctx.staged_prefix, final)
+        shutil.rmtree(work, ignore_errors=True)
+    seconds = time.perf_counter() - start
+    log(f"{package.target}: built in {seconds:.1f} s -> {final}")
+    return BuildResult(package.target, final, key, False, seconds)
+
+
+def _prepare(ctx: BuildContext, fetched: FetchedSource, log: Log) -> list[StepTiming]:
+    """Host commands that bring an alternative source into the shape the build expects."""
+    from .build import Step
+
+    env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
+    steps = [Step(f"prepare-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), ctx.src, env)
+             for i, line in enumerate(fetched.spec.prepare)]
+    log(f"  [{ctx.package.target}] preparing the source from {fetched.origin} on the host")
+    return run_steps(ctx, steps, log=log, first_index=1)
+
+
+def _collect_outputs(ctx: BuildContext) -> list[Path]:
+    bin_dir = ctx.staged_prefix / "bin"
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    found = []
+    for name, rel in ctx.package.outputs:
+        source = ctx.build_dir / rel if not Path(rel).is_absolute() else Path(rel)
+        if not source.is_file():
+            raise BuildError(f"output {name!r} was not produced: no file at {source}",
+                             where=ctx.package.recipe.where(("outputs", name)),
+                             hint="check the build logs in " + str(ctx.logs))
+        if source.read_bytes()[:4] != b"\0asm":
+            raise BuildError(f"output {name!r} ({source}) is not a WebAssembly module",
+                             where=ctx.package.recipe.where(("outputs", name)))
+        dest = bin_dir / f"{name}.wasm"
+        shutil.copyfile(source, dest)
+        # `make install` may have put the same module in bin/ without the suffix.
+        stray = bin_dir / name
+        if stray.is_file() and stray.read_bytes()[:4] == b"\0asm":
+            stray.unlink()
+        found.append(dest)
+    return found
+
+
+def _file_record(path: Path) -> dict[str, Any]:
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": path.stat().st_size}
+
+
+def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched: FetchedSource,
+                    timings: list[StepTiming], tests: list[TestOutcome]) -> None:
+    root = ctx.staged_prefix
+    files = {str(p.relative_to(root)): _file_record(p) for p in sorted(root.rglob("*"))
+             if p.is_file() and not p.is_symlink() and p.parts[len(root.parts)] != "logs"}
+    manifest = {
+        "name": ctx.package.name,
+        "version": ctx.package.version,
+        "flavor": ctx.package.flavor,
+        "target": ctx.package.target,
+        "key": key,
+        "built_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wasmforge": __version__,
+        "inputs": {
+            **inputs,
+            "source_used": {"file": fetched.path.name, "sha256": fetched.spec.sha256, "origin": fetched.origin},
+            "flags": ctx.flags,
+        },
+        "programs": {name: f"bin/{name}.wasm" for name, _ in ctx.package.outputs},
+        "outputs": files,
+        "tests": [t.as_dict() for t in tests],
+        "steps": [{"name": t.name, "seconds": round(t.seconds, 2)} for t in timings],
+    }
+    (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _publish(staged: Path, final: Path) -> None:
+    """Move the finished prefix into place; an old output is replaced only once the new one is whole."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staged, final)
+    if old.exists():
+        shutil.rmtree(old, ignore_errors=True)
+

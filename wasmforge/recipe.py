@@ -1,0 +1,599 @@
+"""Recipes: load YAML, validate against the schema, render Jinja2 into immutable objects.
+
+Stage one (`load_recipe`) validates the raw document and keeps line numbers. Stage two
+(`Recipe.resolve`) renders the templated values for one version and flavor into a `Package`, the
+plain value that the rest of the pipeline consumes. Build commands are rendered last, by the build
+stage, because they see the toolchain and install prefixes (`Package.render`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+from .errors import RecipeError
+from .yamlspans import KeyPath, SpannedDoc, load_spanned
+
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(-[a-z][a-z0-9_]*)*$")
+BUILD_SYSTEMS = ("autotools", "make", "cmake", "script")
+
+_jinja = jinja2.Environment(
+    variable_start_string="${{",
+    variable_end_string="}}",
+    undefined=jinja2.StrictUndefined,
+    autoescape=False,
+    keep_trailing_newline=True,
+)
+
+
+# ----------------------------------------------------------------------------- typed recipe parts
+
+@dataclass(frozen=True)
+class DebianSource:
+    """A source package in Debian's archive that carries the file (see sources.py)."""
+
+    package: str
+    suite: str
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    sha256: str
+    url: str | None = None
+    filename: str | None = None
+    debian: DebianSource | None = None
+    # Host commands run in the extracted tree to bring a differently shaped source (e.g. a full
+    # source tree instead of an amalgamation) into the shape the build expects.
+    prepare: tuple[str, ...] = ()
+
+    def file_name(self) -> str:
+        if self.filename:
+            return self.filename
+        if self.url:
+            return self.url.rstrip("/").rsplit("/", 1)[-1]
+        return f"{self.sha256[:16]}.tar"
+
+
+@dataclass(frozen=True)
+class Expect:
+    """How a captured text is compared: exact, contains or regex."""
+
+    kind: str
+    text: str
+
+    def matches(self, actual: str) -> bool:
+        if self.kind == "exact":
+            return actual == self.text
+        if self.kind == "contains":
+            return self.text in actual
+        return re.search(self.text, actual, re.MULTILINE) is not None
+
+    def describe(self) -> str:
+        return {"exact": "exactly", "contains": "containing", "regex": "matching"}[self.kind] + f" {self.text!r}"
+
+
+@dataclass(frozen=True)
+class TestStep:
+    run: tuple[str, ...]
+    stdin: str | None = None
+    stdout: Expect | None = None
+    stderr: Expect | None = None
+    exit: int = 0
+
+
+@dataclass(frozen=True)
+class SmokeTest:
+    name: str
+    steps: tuple[TestStep, ...]
+    where: str
+    dirs: tuple[tuple[str, Path], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    scratch: tuple[tuple[str, str], ...] = ()
+    files: tuple[tuple[str, Expect], ...] = ()
+    timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class Package:
+    """One recipe rendered for one version and flavor: what the pipeline builds."""
+
+    recipe: Recipe
+    version: str
+    flavor: str | None
+    sources: tuple[SourceSpec, ...]
+    patch_series: str | None
+    depends: tuple[str, ...]
+    build: Mapping[str, Any]
+    outputs: tuple[tuple[str, str], ...]
+    tests: tuple[SmokeTest, ...]
+
+    @property
+    def name(self) -> str:
+        return self.recipe.name
+
+    @property
+    def target(self) -> str:
+        return f"{self.name}-{self.version}" + (f"-{self.flavor}" if self.flavor else "")
+
+    @property
+    def output_key(self) -> str:
+        return self.version + (f"-{self.flavor}" if self.flavor else "")
+
+    @property
+    def exceptions(self) -> bool:
+        return bool(self.build.get("exceptions", False))
+
+    def render(self, path: KeyPath, value: Any, context: Mapping[str, Any]) -> Any:
+        """Render a build-section value with the build context (toolchain, prefixes)."""
+        return self.recipe.render_value(value, {**self.base_context(), **context}, ("build",) + path)
+
+    def base_context(self) -> dict[str, Any]:
+        return self.recipe.context(self.version, self.flavor)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe file (stage one): raw values plus where they came from."""
+
+    name: str
+    summary: str
+    license: str
+    homepage: str
+    file: Path
+    digest: str
+    versions: Mapping[str, Mapping[str, Any]]
+    source: Mapping[str, Any]
+    depends: tuple[str, ...]
+    build: Mapping[str, Any]
+    outputs: Mapping[str, str]
+    flavors: Mapping[str, Mapping[str, Any]]
+    tests: tuple[Mapping[str, Any], ...]
+    doc: SpannedDoc = field(repr=False, compare=False)
+
+    @property
+    def default_version(self) -> str:
+        return next(iter(self.versions))
+
+    def where(self, path: KeyPath) -> str:
+        return self.doc.where(path)
+
+    def context(self, version: str, flavor: str | None) -> dict[str, Any]:
+        parts = version.split(".")
+        return {
+            "name": self.name,
+            "version": version,
+            "version_parts": parts,
+            "major": parts[0],
+            "minor": parts[1] if len(parts) > 1 else "",
+            "patch": parts[2] if len(parts) > 2 else "",
+            "flavor": flavor or "",
+        }
+
+    def render_value(self, value: Any, context: Mapping[str, Any], path: KeyPath) -> Any:
+        if isinstance(value, str):
+            if "${{" not in value and "{%" not in value:
+                return value
+            try:
+                return _jinja.from_string(value).render(**context)
+            except jinja2.UndefinedError as exc:
+                names = ", ".join(sorted(context))
+                raise self.doc.error(path, f"template error: {exc.message}",
+                                     hint=f"variables available here: {names}") from exc
+            except jinja2.TemplateError as exc:
+                raise self.doc.error(path, f"template error: {exc}") from exc
+        if isinstance(value, list):
+            return [self.render_value(v, context, path + (i,)) for i, v in enumerate(value)]
+        if isinstance(value, dict):
+            return {k: self.render_value(v, context, path + (k,)) for k, v in value.items()}
+        return value
+
+    def resolve(self, version: str | None = None, flavor: str | None = None) -> Package:
+        version = version or self.default_version
+        if version not in self.versions:
+            known = ", ".join(self.versions)
+            raise RecipeError(f"{self.name} has no version {version!r}", where=str(self.file),
+                              hint=f"known versions: {known}")
+        if flavor is not None and flavor not in self.flavors:
+            known = ", ".join(self.flavors) or "none"
+            raise RecipeError(f"{self.name} has no flavor {flavor!r}", where=str(self.file),
+                              hint=f"known flavors: {known}")
+        ctx = self.context(version, flavor)
+        vspec = self.versions[version]
+        vpath: KeyPath = ("versions", version)
+
+        primary = self.render_value(dict(self.source), ctx, ("source",))
+        primary["sha256"] = vspec["sha256"]
+        sources = [_source_spec(primary)]
+        for i, alt in enumerate(vspec.get("alternatives", [])):
+            sources.append(_source_spec(self.render_value(dict(alt), ctx, vpath + ("alternatives", i))))
+
+        build = dict(self.build)
+        if flavor:
+            build = merge_build(build, self.flavors[flavor].get("build", {}))
+
+        outputs = tuple((k, self.render_value(v, ctx, ("outputs", k))) for k, v in self.outputs.items())
+        tests = tuple(self._smoke_test(i, t, ctx) for i, t in enumerate(self.tests)
+                      if _test_applies(t, flavor))
+        return Package(recipe=self, version=version, flavor=flavor, sources=tuple(sources),
+                       patch_series=vspec.get("patches"), depends=self.depends, build=build,
+                       outputs=outputs, tests=tests)
+
+    def _smoke_test(self, index: int, raw: Mapping[str, Any], ctx: Mapping[str, Any]) -> SmokeTest:
+        path: KeyPath = ("tests", index)
+        t = self.render_value(dict(raw), ctx, path)
+        steps_raw = t.get("steps") or [{k: t[k] for k in ("run", "stdin", "stdout", "stderr", "exit") if k in t}]
+        steps = tuple(
+            TestStep(run=tuple(str(a) for a in s["run"]), stdin=s.get("stdin"),
+                     stdout=_expect(s.get("stdout")), stderr=_expect(s.get("stderr")),
+                     exit=int(s.get("exit", 0)))
+            for s in steps_raw)
+        fixtures = self.file.parent
+        return SmokeTest(
+            name=t.get("name") or " ".join(steps[0].run)[:60],
+            steps=steps,
+            where=self.where(path),
+            dirs=tuple((g, (fixtures / h).resolve()) for g, h in t.get("dirs", {}).items()),
+            env=tuple((k, str(v)) for k, v in t.get("env", {}).items()),
+            scratch=tuple((k, str(v)) for k, v in t.get("scratch", {}).items()),
+            files=tuple((k, e) for k, v in t.get("files", {}).items() if (e := _expect(v)) is not None),
+            timeout=float(t.get("timeout", 60)),
+        )
+
+
+def _test_applies(raw: Mapping[str, Any], flavor: str | None) -> bool:
+    flavors = raw.get("flavors")
+    return flavors is None or (flavor or "default") in flavors
+
+
+def _source_spec(raw: Mapping[str, Any]) -> SourceSpec:
+    deb = raw.get("debian")
+    return SourceSpec(sha256=raw["sha256"], url=raw.get("url"), filename=raw.get("filename"),
+                      debian=DebianSource(deb["package"], deb["suite"]) if deb else None,
+                      prepare=tuple(raw.get("prepare", ())))
+
+
+def _expect(raw: Any) -> Expect | None:
+    if raw is None:
+        return None
+    if isinstance(raw, str):
+        return Expect("exact", raw)
+    (kind, text), = raw.items()
+    return Expect(kind, str(text))
+
+
+def merge_build(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """A flavor's build section extends lists and maps and replaces scalars."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, list) and isinstance(merged.get(key), list):
+            merged[key] = merged[key] + value
+        elif isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+# ----------------------------------------------------------------------------- schema
+
+Check = Callable[[SpannedDoc, KeyPath, Any], None]
+
+
+def _is_str(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if not isinstance(value, str):
+        raise doc.error(path, f"must be a string, not {type(value).__name__}")
+
+
+def _is_bool(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise doc.error(path, f"must be true or false, not {type(value).__name__}")
+
+
+def _is_int(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise doc.error(path, f"must be an integer, not {type(value).__name__}")
+
+
+def _is_number(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise doc.error(path, f"must be a number, not {type(value).__name__}")
+
+
+def _is_sha256(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_str(doc, path, value)
+    if not SHA256_RE.match(value):
+        raise doc.error(path, "must be 64 lowercase hex digits (a sha256)")
+
+
+def _list_of(item: Check) -> Check:
+    def check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+        if not isinstance(value, list):
+            raise doc.error(path, f"must be a list, not {type(value).__name__}")
+        for i, v in enumerate(value):
+            item(doc, path + (i,), v)
+    return check
+
+
+def _is_scalar_arg(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise doc.error(path, f"must be a string or number, not {type(value).__name__}")
+
+
+def _map_of(item: Check) -> Check:
+    def check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise doc.error(path, f"must be a mapping, not {type(value).__name__}")
+        for k, v in value.items():
+            item(doc, path + (k,), v)
+    return check
+
+
+def _record(fields: Mapping[str, Check], required: tuple[str, ...] = (),
+            rule: Callable[[SpannedDoc, KeyPath, dict[str, Any]], None] | None = None) -> Check:
+    def check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+        if not isinstance(value, dict):
+            raise doc.error(path, f"must be a mapping, not {type(value).__name__}")
+        for key in value:
+            if key not in fields:
+                raise doc.error(path + (key,), "unknown key",
+                                hint=f"allowed keys here: {', '.join(fields)}")
+        for key in required:
+            if key not in value:
+                raise doc.error(path, f"missing required key {key!r}")
+        for key, v in value.items():
+            fields[key](doc, path + (key,), v)
+        if rule:
+            rule(doc, path, value)
+    return check
+
+
+def _one_of(allowed: tuple[str, ...]) -> Check:
+    def check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+        _is_str(doc, path, value)
+        if value not in allowed:
+            raise doc.error(path, f"{value!r} is not one of: {', '.join(allowed)}")
+    return check
+
+
+def _expect_check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, dict) and len(value) == 1:
+        kind = next(iter(value))
+        if kind in ("exact", "contains", "regex"):
+            _is_scalar_arg(doc, path + (kind,), value[kind])
+            return
+    raise doc.error(path, "must be a string (exact match) or one of {exact: ..}, {contains: ..}, {regex: ..}")
+
+
+_debian = _record({"package": _is_str, "suite": _is_str}, required=("package", "suite"))
+
+
+def _source_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
+    if "url" not in value and "debian" not in value:
+        raise doc.error(path, "a source needs a url or a debian source package")
+
+
+_source_fields: dict[str, Check] = {
+    "url": _is_str, "filename": _is_str, "debian": _debian, "prepare": _list_of(_is_str),
+}
+_source_check = _record(_source_fields, rule=_source_rule)
+_alternative_check = _record({**_source_fields, "sha256": _is_sha256}, required=("sha256",), rule=_source_rule)
+
+_version_check = _record(
+    {"sha256": _is_sha256, "patches": _is_str, "alternatives": _list_of(_alternative_check)},
+    required=("sha256",),
+)
+
+
+def _build_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
+    system = value.get("system")
+    if system == "script" and "script" not in value:
+        raise doc.error(path, "system 'script' needs a 'script' list of shell commands")
+
+
+_build_fields: dict[str, Check] = {
+    "system": _one_of(BUILD_SYSTEMS),
+    "cflags": _list_of(_is_str),
+    "ldflags": _list_of(_is_str),
+    "libs": _list_of(_is_str),
+    "configure": _list_of(_is_str),
+    "make": _list_of(_is_str),
+    "install": _list_of(_is_str),
+    "script": _list_of(_is_str),
+    "env": _map_of(_is_scalar_arg),
+    "exceptions": _is_bool,
+    "in_source": _is_bool,
+}
+_build_check = _record(_build_fields, required=("system",), rule=_build_rule)
+_flavor_build_check = _record(_build_fields)
+
+_step_fields: dict[str, Check] = {
+    "run": _list_of(_is_scalar_arg),
+    "stdin": _is_str,
+    "stdout": _expect_check,
+    "stderr": _expect_check,
+    "exit": _is_int,
+}
+
+
+def _test_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
+    if ("run" in value) == ("steps" in value):
+        raise doc.error(path, "a test has either 'run' (one command) or 'steps' (several), not both or neither")
+
+
+_test_check = _record(
+    {**_step_fields, "name": _is_str, "steps": _list_of(_record(_step_fields, required=("run",))),
+     "dirs": _map_of(_is_str), "env": _map_of(_is_scalar_arg), "scratch": _map_of(_is_str),
+     "files": _map_of(_expect_check), "timeout": _is_number, "flavors": _list_of(_is_str)},
+    rule=_test_rule,
+)
+
+_recipe_check = _record(
+    {
+        "name": _is_str,
+        "summary": _is_str,
+        "license": _is_str,
+        "homepage": _is_str,
+        "versions": _map_of(_version_check),
+        "source": _source_check,
+        "depends": _list_of(_is_str),
+        "build": _build_check,
+        "outputs": _map_of(_is_str),
+        "flavors": _map_of(_record({"summary": _is_str, "build": _flavor_build_check})),
+        "tests": _list_of(_test_check),
+    },
+    required=("name", "summary", "license", "versions", "source", "build"),
+)
+
+
+def load_recipe(file: Path) -> Recipe:
+    doc = load_spanned(file)
+    _recipe_check(doc, (), doc.data)
+    data = doc.data
+    name = data["name"]
+    if name != file.stem:
+        raise doc.error(("name",), f"name {name!r} does not match the file name {file.name!r}")
+    if not NAME_RE.match(name):
+        raise doc.error(("name",), "names are lowercase letters, digits and '_', words joined by '-'")
+    if not data["versions"]:
+        raise doc.error(("versions",), "a recipe needs at least one version")
+    outputs = data.get("outputs", {})
+    for i, test in enumerate(data.get("tests", [])):
+        steps = test.get("steps") or [test]
+        for j, step in enumerate(steps):
+            spath: KeyPath = ("tests", i) + (("steps", j) if "steps" in test else ()) + ("run",)
+            if not step.get("run"):
+                raise doc.error(spath, "needs at least the program to run")
+            if step["run"][0] not in outputs:
+                raise doc.error(spath + (0,), f"{step['run'][0]!r} is not one of this recipe's outputs",
+                                hint=f"outputs: {', '.join(outputs) or 'none'}")
+        for flavor in test.get("flavors", []):
+            if flavor != "default" and flavor not in data.get("flavors", {}):
+                raise doc.error(("tests", i, "flavors"), f"unknown flavor {flavor!r}")
+    return Recipe(
+        name=name,
+        summary=data["summary"],
+        license=data["license"],
+        homepage=data.get("homepage", ""),
+        file=file,
+        digest=hashlib.sha256(file.read_bytes()).hexdigest(),
+        versions=data["versions"],
+        source=data["source"],
+        depends=tuple(data.get("depends", [])),
+        build=data["build"],
+        outputs=outputs,
+        flavors=data.get("flavors", {}),
+        tests=tuple(data.get("tests", [])),
+        doc=doc,
+    )
+
+
+# ----------------------------------------------------------------------------- the recipe set
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    version: str
+    flavor: str | None
+
+    def __str__(self) -> str:
+        return f"{self.name}-{self.version}" + (f"-{self.flavor}" if self.flavor else "")
+
+
+class RecipeBook:
+    """All recipes of a checkout, cross-checked (dependencies exist, no cycles)."""
+
+    def __init__(self, recipes: Mapping[str, Recipe]) -> None:
+        self.recipes = dict(sorted(recipes.items()))
+        self._check_dependencies()
+
+    @classmethod
+    def load(cls, recipes_dir: Path) -> RecipeBook:
+        if not recipes_dir.is_dir():
+            raise RecipeError(f"no recipes directory at {recipes_dir}")
+        return cls({f.stem: load_recipe(f) for f in sorted(recipes_dir.glob("*.yaml"))})
+
+    def __getitem__(self, name: str) -> Recipe:
+        try:
+            return self.recipes[name]
+        except KeyError:
+            raise RecipeError(f"unknown package {name!r}",
+                              hint=f"known packages: {', '.join(self.recipes)}") from None
+
+    def parse_target(self, text: str, flavor: str | None = None) -> Target:
+        """'lua', 'lua-5.4.7' or 'php-7.4.33-portable' -> Target."""
+        names = sorted((n for n in self.recipes if text == n or text.startswith(n + "-")), key=len, reverse=True)
+        if not names:
+            raise RecipeError(f"unknown package in {text!r}",
+                              hint=f"known packages: {', '.join(self.recipes)}; write NAME-VERSION, e.g. lua-5.4.7")
+        recipe = self.recipes[names[0]]
+        rest = text[len(recipe.name) + 1:]
+        if not rest:
+            return Target(recipe.name, recipe.default_version, flavor)
+        for version in sorted(recipe.versions, key=len, reverse=True):
+            if rest == version:
+                return Target(recipe.name, version, flavor)
+            if rest.startswith(version + "-"):
+                suffix = rest[len(version) + 1:]
+                if suffix not in recipe.flavors:
+                    raise RecipeError(f"{recipe.name} {version} has no flavor {suffix!r}", where=str(recipe.file),
+                                      hint=f"flavors: {', '.join(recipe.flavors) or 'none'}")
+                if flavor and flavor != suffix:
+                    raise RecipeError(f"target {text!r} names flavor {suffix!r} but --flavor says {flavor!r}")
+                return Target(recipe.name, version, suffix)
+        raise RecipeError(f"{recipe.name} has no version {rest!r}", where=str(recipe.file),
+                          hint=f"known versions: {', '.join(recipe.versions)}")
+
+    def package(self, target: Target) -> Package:
+        return self[target.name].resolve(target.version, target.flavor)
+
+    def dependency_targets(self, recipe: Recipe) -> list[Target]:
+        return [self.parse_target(dep) for dep in recipe.depends]
+
+    def build_order(self, target: Target) -> list[Target]:
+        """The target's dependencies, depth first, then the target itself."""
+        order: list[Target] = []
+
+        def visit(t: Target) -> None:
+            for dep in self.dependency_targets(self.recipes[t.name]):
+                if dep not in order:
+                    visit(dep)
+            if t not in order:
+                order.append(t)
+
+        visit(target)
+        return order
+
+    def _check_dependencies(self) -> None:
+        for recipe in self.recipes.values():
+            for i, dep in enumerate(recipe.depends):
+                try:
+                    self.parse_target(dep)
+                except RecipeError as exc:
+                    raise recipe.doc.error(("depends", i), f"dependency {dep!r}: {exc.what}",
+                                           hint=exc.hint) from None
+        state: dict[str, int] = {}
+
+        def visit(name: str, chain: list[str]) -> None:
+            if state.get(name) == 2:
+                return
+            if state.get(name) == 1:
+                cycle = " -> ".join(chain[chain.index(name):] + [name])
+                first = self.recipes[chain[chain.index(name)]]
+                raise RecipeError(f"dependency cycle: {cycle}", where=first.where(("depends",)))
+            state[name] = 1
+            for dep in self.recipes[name].depends:
+                visit(self.parse_target(dep).name, chain + [name])
+            state[name] = 2
+
+        for name in self.recipes:
+            visit(name, [])
+

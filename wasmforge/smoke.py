@@ -1,0 +1,88 @@
+"""Run a recipe's smoke tests against built modules and say exactly what differed."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from .recipe import Expect, Package, SmokeTest
+from .runtime import Runner, RunResult
+
+SCRATCH = "/scratch"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class TestOutcome:
+    name: str
+    passed: bool
+    duration: float
+    where: str
+    problems: tuple[str, ...] = ()
+
+    def as_dict(self) -> dict[str, object]:
+        return {"name": self.name, "passed": self.passed, "seconds": round(self.duration, 3),
+                "problems": list(self.problems)}
+
+
+def run_smoke_tests(package: Package, bin_dir: Path, runner: Runner, *, log: Log = print) -> list[TestOutcome]:
+    outcomes = []
+    for test in package.tests:
+        outcome = run_smoke_test(test, bin_dir, runner)
+        mark = "ok  " if outcome.passed else "FAIL"
+        log(f"  {mark} {test.name} ({outcome.duration:.2f} s)")
+        for problem in outcome.problems:
+            log("       " + problem.replace("\n", "\n       "))
+        outcomes.append(outcome)
+    return outcomes
+
+
+def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner) -> TestOutcome:
+    problems: list[str] = []
+    total = 0.0
+    with tempfile.TemporaryDirectory(prefix="wasmforge-smoke-") as tmp:
+        scratch = Path(tmp)
+        for name, content in test.scratch:
+            (scratch / name).parent.mkdir(parents=True, exist_ok=True)
+            (scratch / name).write_text(content)
+        dirs = [(SCRATCH, scratch)] + [(g, h) for g, h in test.dirs]
+        for index, step in enumerate(test.steps):
+            label = f"step {index + 1} `{' '.join(step.run)}`" if len(test.steps) > 1 else f"`{' '.join(step.run)}`"
+            result = runner.run(bin_dir / f"{step.run[0]}.wasm", list(step.run), env=dict(test.env), dirs=dirs,
+                                stdin=step.stdin.encode() if step.stdin is not None else None,
+                                timeout=test.timeout)
+            total += result.duration
+            problems += _check_step(label, step.exit, step.stdout, step.stderr, result)
+            if problems:
+                break
+        if not problems:
+            for name, expect in test.files:
+                path = scratch / name
+                if not path.exists():
+                    problems.append(f"file {SCRATCH}/{name}: expected to exist, it does not")
+                elif not expect.matches(path.read_text(errors="replace")):
+                    problems.append(f"file {SCRATCH}/{name}: expected {expect.describe()}, "
+                                    f"got {_show(path.read_text(errors='replace'))}")
+    return TestOutcome(test.name, not problems, total, test.where, tuple(problems))
+
+
+def _check_step(label: str, exit_code: int, stdout: Expect | None, stderr: Expect | None,
+                result: RunResult) -> list[str]:
+    problems = []
+    out = result.stdout.decode(errors="replace")
+    err = result.stderr.decode(errors="replace")
+    if result.timed_out or result.trap or result.exit_code != exit_code:
+        problems.append(f"{label}: expected exit code {exit_code}, got {result.describe()}")
+    if stdout is not None and not stdout.matches(out):
+        problems.append(f"{label}: expected stdout {stdout.describe()}\n  actual stdout: {_show(out)}")
+    if stderr is not None and not stderr.matches(err):
+        problems.append(f"{label}: expected stderr {stderr.describe()}\n  actual stderr: {_show(err)}")
+    if problems and err and stderr is None:
+        problems.append(f"  stderr was: {_show(err)}")
+    return problems
+
+
+def _show(text: str, limit: int = 400) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")

@@ -1,0 +1,304 @@
+"""Find or provision a WASI toolchain, and expose its environment and identity.
+
+Resolution order (first match wins, and the choice is reported with its reason):
+  1. WASI_SDK_PATH pointing at an official WASI SDK layout;
+  2. the pinned official WASI SDK release, already downloaded into the cache;
+  3. the SDK-shaped directory assembled from Debian packages, already in the cache.
+`install_toolchain` provisions 2 (download, sha256-checked) or, when that cannot be had, 3.
+
+Every toolchain is used through small wrapper scripts (`wasm32-wasip1-clang` ...) that fix the
+target and sysroot: libtool and some configure scripts dislike multi-word CC values.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .config import Config
+from .debian_archive import DebianArchive
+from .errors import SourceError, ToolchainError
+from .recipe import SourceSpec
+from .sources import download_file, extract_archive, fetch_one
+
+TARGET = "wasm32-wasip1"
+# Flags that turn on real setjmp/longjmp through WebAssembly exception handling (exnref encoding).
+EH_CFLAGS = ("-mllvm", "-wasm-enable-sjlj", "-mllvm", "-wasm-use-legacy-eh=false", "-mexception-handling")
+EH_LIBS = ("-lsetjmp",)
+TOOLS = {"clang": "clang", "clang++": "clang++", "wasm-ld": "wasm-ld", "ar": "llvm-ar",
+         "ranlib": "llvm-ranlib", "nm": "llvm-nm", "strip": "llvm-strip"}
+IDENTITY_FILE = "wasmforge-toolchain.json"
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Toolchain:
+    kind: str
+    root: Path
+    reason: str
+    clang_version: str
+    libc: str
+    has_setjmp: bool
+    wrappers: Path
+    target: str = TARGET
+
+    @property
+    def sysroot(self) -> Path:
+        return self.root / "share" / "wasi-sysroot"
+
+    @property
+    def clang_major(self) -> int:
+        m = re.search(r"clang version (\d+)", self.clang_version)
+        return int(m.group(1)) if m else 0
+
+    def tool(self, name: str) -> str:
+        return str(self.wrappers / f"{TARGET}-{name}") if name in ("clang", "clang++") else str(self.root / "bin" / TOOLS[name])
+
+    def env(self) -> dict[str, str]:
+        return {
+            "CC": self.tool("clang"),
+            "CXX": self.tool("clang++"),
+            "CPP": f"{self.tool('clang')} -E",
+            "LD": self.tool("wasm-ld"),
+            "AR": self.tool("ar"),
+            "RANLIB": self.tool("ranlib"),
+            "NM": self.tool("nm"),
+            "STRIP": self.tool("strip"),
+            "WASI_SYSROOT": str(self.sysroot),
+        }
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "clang": self.clang_version, "libc": self.libc, "target": self.target,
+                "setjmp": self.has_setjmp}
+
+    def describe(self) -> str:
+        setjmp = ("yes (wasm exception handling, exnref encoding)" if self.has_setjmp
+                  else "no (needs clang >= 20 and a wasi-libc with setjmp.h and libsetjmp.a)")
+        return "\n".join([
+            f"toolchain:  {self.kind}",
+            f"chosen:     {self.reason}",
+            f"root:       {self.root}",
+            f"clang:      {self.clang_version}",
+            f"wasi-libc:  {self.libc}",
+            f"target:     {self.target}",
+            f"sysroot:    {self.sysroot}",
+            f"setjmp:     {setjmp}",
+        ])
+
+
+def load_pins(config: Config) -> dict[str, Any]:
+    return yaml.safe_load((config.toolchain_dir / "pins.yaml").read_text())
+
+
+def sdk_source(config: Config, pins: dict[str, Any] | None = None) -> SourceSpec | None:
+    """The pinned WASI SDK tarball for this host, or None when we have no pin for it."""
+    pins = pins or load_pins(config)
+    sdk = pins["wasi_sdk"]
+    arch = platform.machine()
+    sha = sdk["sha256"].get(arch)
+    if not sha:
+        return None
+    return SourceSpec(sha256=sha, url=sdk["url"].format(arch=arch))
+
+
+def _toolchains_dir(config: Config) -> Path:
+    return config.cache_dir / "toolchains"
+
+
+def find_toolchain(config: Config, *, environ: dict[str, str] | None = None) -> Toolchain:
+    environ = dict(os.environ) if environ is None else environ
+    if path := environ.get("WASI_SDK_PATH"):
+        root = Path(path).expanduser()
+        _check_layout(root, f"WASI_SDK_PATH={path}")
+        return _make(config, "WASI_SDK_PATH", root, f"WASI_SDK_PATH is set to {path}")
+    spec = sdk_source(config)
+    if spec is not None:
+        root = _toolchains_dir(config) / spec.file_name().removesuffix(".tar.gz")
+        if (root / "bin" / "clang").exists():
+            return _make(config, "wasi-sdk", root, f"the pinned WASI SDK is installed in {root}")
+    debian = _debian_root(config)
+    if debian is not None:
+        return _make(config, "debian", debian, f"assembled from Debian packages in {debian} "
+                     "(the pinned WASI SDK is not installed)")
+    raise ToolchainError(
+        "no WASI toolchain found",
+        details="looked for: WASI_SDK_PATH (not set); the pinned WASI SDK in "
+                f"{_toolchains_dir(config)} (not downloaded); a Debian-assembled toolchain (not assembled)",
+        hint="run `invoke toolchain --install` (downloads the pinned WASI SDK, or assembles one from "
+             "Debian packages when that cannot be downloaded), or set WASI_SDK_PATH to a WASI SDK (>= 22)",
+    )
+
+
+def _debian_root(config: Config) -> Path | None:
+    base = _toolchains_dir(config)
+    for candidate in sorted(base.glob("debian-*"), reverse=True):
+        if (candidate / IDENTITY_FILE).exists() and (candidate / "bin" / "clang").exists():
+            return candidate
+    return None
+
+
+def _check_layout(root: Path, origin: str) -> None:
+    missing = [p for p in ("bin/clang", "bin/wasm-ld", "bin/llvm-ar", f"share/wasi-sysroot/include/{TARGET}",
+                           f"share/wasi-sysroot/lib/{TARGET}") if not (root / p).exists()]
+    if missing:
+        raise ToolchainError(f"{origin} is not a usable WASI SDK: missing {', '.join(missing)}",
+                             hint=f"point it at an official WASI SDK (>= 22, with the {TARGET} sysroot)")
+
+
+def _make(config: Config, kind: str, root: Path, reason: str) -> Toolchain:
+    _check_layout(root, str(root))
+    clang = root / "bin" / "clang"
+    try:
+        out = subprocess.run([str(clang), "--version"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError) as exc:
+        raise ToolchainError(f"{clang} does not run: {exc}",
+                             hint="reinstall the toolchain: invoke toolchain --install") from exc
+    clang_version = out.splitlines()[0].strip()
+    sysroot = root / "share" / "wasi-sysroot"
+    libc = _libc_version(root)
+    major = int(m.group(1)) if (m := re.search(r"clang version (\d+)", clang_version)) else 0
+    has_setjmp = (sysroot / "include" / TARGET / "setjmp.h").exists() and \
+        (sysroot / "lib" / TARGET / "libsetjmp.a").exists() and major >= 20
+    wrappers = _write_wrappers(config, root, sysroot)
+    return Toolchain(kind=kind, root=root, reason=reason, clang_version=clang_version, libc=libc,
+                     has_setjmp=has_setjmp, wrappers=wrappers)
+
+
+def _libc_version(root: Path) -> str:
+    ident = root / IDENTITY_FILE
+    if ident.exists():
+        return json.loads(ident.read_text()).get("libc", "unknown")
+    version = root / "VERSION"
+    if version.exists():
+        lines = version.read_text().split()
+        return "wasi-sdk " + " ".join(lines[:1]) + ("; " + " ".join(lines[1:]) if len(lines) > 1 else "")
+    return "unknown (no VERSION file)"
+
+
+def _write_wrappers(config: Config, root: Path, sysroot: Path) -> Path:
+    """Wrapper scripts with the target and sysroot built in, in the cache (the SDK may be read-only)."""
+    key = hashlib.sha256(f"{root.resolve()}|{sysroot}".encode()).hexdigest()[:16]
+    directory = config.cache_dir / "wrappers" / key
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in ("clang", "clang++"):
+        script = (f'#!/bin/sh\nexec "{root}/bin/{name}" --target={TARGET} --sysroot="{sysroot}" "$@"\n')
+        path = directory / f"{TARGET}-{name}"
+        if not path.exists() or path.read_text() != script:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(script)
+            tmp.chmod(0o755)
+            os.replace(tmp, path)
+    return directory
+
+
+# ----------------------------------------------------------------------------- provisioning
+
+def install_toolchain(config: Config, *, source: str = "auto", log: Log = print) -> Toolchain:
+    """Provision a toolchain: the pinned WASI SDK, or one assembled from Debian packages."""
+    if source in ("auto", "sdk"):
+        try:
+            return install_sdk(config, log=log)
+        except (SourceError, ToolchainError) as exc:
+            if source == "sdk":
+                raise
+            log(f"the pinned WASI SDK cannot be had here ({exc.what}); assembling one from Debian packages")
+    return install_debian(config, log=log)
+
+
+def install_sdk(config: Config, *, spec: SourceSpec | None = None, log: Log = print) -> Toolchain:
+    spec = spec or sdk_source(config)
+    if spec is None:
+        raise ToolchainError(f"no pinned WASI SDK for this machine ({platform.machine()})",
+                             hint="add its sha256 to toolchain/pins.yaml, set WASI_SDK_PATH, or use --from debian")
+    root = _toolchains_dir(config) / spec.file_name().removesuffix(".tar.gz")
+    if not (root / "bin" / "clang").exists():
+        log(f"downloading {spec.url}")
+        fetched = fetch_one(spec, config, log=log)
+        if root.exists():
+            shutil.rmtree(root)
+        extract_archive(fetched.path, root)
+    return _make(config, "wasi-sdk", root, f"the pinned WASI SDK is installed in {root}")
+
+
+def install_debian(config: Config, *, log: Log = print) -> Toolchain:
+    pins = load_pins(config)["debian"]
+    llvm = pins["llvm"]
+    missing = [p for p in pins["packages"] if not _deb_installed(p)]
+    if missing:
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            raise ToolchainError(f"missing Debian packages: {' '.join(missing)}",
+                                 hint=f"install them as root: apt-get install -y {' '.join(missing)}")
+        log(f"installing {' '.join(missing)} with apt-get")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        result = subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+            result = subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env)
+        if result.returncode != 0:
+            raise ToolchainError("apt-get install failed", details="\n".join(result.stderr.splitlines()[-8:]),
+                                 hint=f"run: apt-get update && apt-get install -y {' '.join(missing)}")
+    libc_pin = pins["wasi_libc"]
+    archive = DebianArchive(config.cache_dir / "apt")
+    deb = archive.binary_file(libc_pin["package"], libc_pin["suite"])
+    libc_version = deb.name.split("_")[1]
+    root = _toolchains_dir(config) / f"debian-llvm{llvm}-wasi-libc-{libc_version.replace('~', '_')}"
+    if (root / IDENTITY_FILE).exists():
+        return _make(config, "debian", root, f"assembled from Debian packages in {root}")
+    deb_path = config.cache_dir / "debs" / deb.name
+    if not deb_path.exists():
+        log(f"downloading {deb.name} ({libc_pin['suite']}) from Debian's archive")
+        download_file(deb.url, deb.sha256, deb_path, log=log)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".assemble-"))
+    try:
+        unpacked = staging / "deb"
+        subprocess.run(["dpkg-deb", "-x", str(deb_path), str(unpacked)], check=True, capture_output=True)
+        tree = staging / "sdk"
+        (tree / "bin").mkdir(parents=True)
+        for name, tool in {"clang": f"clang-{llvm}", "clang++": f"clang++-{llvm}", "wasm-ld": f"wasm-ld-{llvm}",
+                           "llvm-ar": f"llvm-ar-{llvm}", "llvm-ranlib": f"llvm-ranlib-{llvm}",
+                           "llvm-nm": f"llvm-nm-{llvm}", "llvm-strip": f"llvm-strip-{llvm}"}.items():
+            found = shutil.which(tool)
+            if not found:
+                raise ToolchainError(f"{tool} not found after installing {' '.join(pins['packages'])}")
+            (tree / "bin" / name).symlink_to(found)
+        # trixie's wasi-libc names its multiarch directories wasm32-wasi; clang 22 looks for
+        # wasm32-wasip1 (the same ABI), so the sysroot uses that name.
+        sysroot = tree / "share" / "wasi-sysroot"
+        for kind in ("include", "lib"):
+            (sysroot / kind).mkdir(parents=True)
+            shutil.copytree(unpacked / "usr" / kind / "wasm32-wasi", sysroot / kind / TARGET, symlinks=True)
+        clang_pkg = _deb_version(f"clang-{llvm}")
+        (tree / IDENTITY_FILE).write_text(json.dumps({
+            "libc": f"wasi-libc {libc_version} (Debian {libc_pin['suite']})",
+            "clang_package": f"clang-{llvm} {clang_pkg}",
+        }, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(tree, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"assembled a WASI toolchain in {root}")
+    return _make(config, "debian", root, f"assembled from Debian packages in {root}")
+
+
+def _deb_installed(package: str) -> bool:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
+    return result.returncode == 0 and "install ok installed" in result.stdout
+
+
+def _deb_version(package: str) -> str:
+    result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
+    return result.stdout.strip() or "unknown"
