@@ -36,6 +36,8 @@ class Step:
     argv: tuple[str, ...]
     cwd: Path
     env: Mapping[str, str] = field(default_factory=dict)
+    # The recipe key this step comes from, so that a failure points at its line.
+    origin: tuple[str | int, ...] = ("build",)
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,10 @@ class BuildContext:
 
     @property
     def build_dir(self) -> Path:
-        return self.src if self.package.build.get("in_source", True) else self.work / "build"
+        """Where the build runs, and what recipe `outputs` paths are relative to."""
+        if self.package.build["system"] == "cmake" or not self.package.build.get("in_source", True):
+            return self.work / "build"
+        return self.src
 
     @cached_property
     def flags(self) -> dict[str, list[str]]:
@@ -98,7 +103,7 @@ class BuildContext:
 
     def template_context(self) -> dict[str, Any]:
         """What build templates can use: tools, joined flags, paths, jobs, dependency prefixes."""
-        return {**self._base_context(), **{k: shlex.join(v) for k, v in self.flags.items()}}
+        return {**self._base_context(), **{k: " ".join(v) for k, v in self.flags.items()}}
 
     def _base_context(self) -> dict[str, Any]:
         tools = {k.lower(): v for k, v in self.toolchain.env().items()}
@@ -125,10 +130,12 @@ class BuildContext:
         env.update({
             "LANG": "C",
             "LC_ALL": "C",
-            "CFLAGS": shlex.join(flags["cflags"]),
-            "CXXFLAGS": shlex.join(flags["cflags"]),
-            "LDFLAGS": shlex.join(flags["ldflags"]),
-            "LIBS": shlex.join(flags["libs"]),
+            # Joined with plain spaces: configure scripts and makefiles split these on white space
+            # and never undo shell quoting.
+            "CFLAGS": " ".join(flags["cflags"]),
+            "CXXFLAGS": " ".join(flags["cflags"]),
+            "LDFLAGS": " ".join(flags["ldflags"]),
+            "LIBS": " ".join(flags["libs"]),
             # Only our wasm prefixes: a host .pc file must never be found.
             "PKG_CONFIG_LIBDIR": os.pathsep.join(pkgconfig) or str(self.work / "no-pkgconfig"),
             "PKG_CONFIG_PATH": "",
@@ -155,28 +162,32 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     if system == "autotools":
         configure = [str(ctx.src / "configure"), f"--host={TARGET}", f"--build={_build_triple()}",
                      f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
-        steps += [Step("configure", tuple(configure), bdir, env),
-                  Step("make", ("make", f"-j{jobs}", *make_args), bdir, env)]
+        steps += [Step("configure", tuple(configure), bdir, env, ("build", "configure")),
+                  Step("make", ("make", f"-j{jobs}", *make_args), bdir, env, ("build", "make"))]
         if install_args:
-            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, env))
+            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, env,
+                              ("build", "install")))
     elif system == "make":
-        steps.append(Step("make", ("make", f"-j{jobs}", *make_args), bdir, env))
+        steps.append(Step("make", ("make", f"-j{jobs}", *make_args), bdir, env, ("build", "make")))
         if install_args:
-            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, env))
+            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, env,
+                              ("build", "install")))
     elif system == "cmake":
         toolchain_file = write_cmake_toolchain(ctx)
-        build_dir = ctx.work / "build"
+        build_dir = ctx.build_dir
         configure = ["cmake", "-S", str(ctx.src), "-B", str(build_dir), "-G", "Unix Makefiles",
                      f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file}", f"-DCMAKE_INSTALL_PREFIX={ctx.prefix}",
                      "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
                      *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
         targets = [a for t in make_args for a in ("--target", t)]
-        steps += [Step("configure", tuple(configure), ctx.src, env),
-                  Step("build", ("cmake", "--build", str(build_dir), "-j", jobs, *targets), ctx.src, env),
-                  Step("install", ("cmake", "--install", str(build_dir)), ctx.src, env)]
+        steps += [Step("configure", tuple(configure), ctx.src, env, ("build", "configure")),
+                  Step("build", ("cmake", "--build", str(build_dir), "-j", jobs, *targets), ctx.src, env,
+                       ("build", "make")),
+                  Step("install", ("cmake", "--install", str(build_dir)), ctx.src, env, ("build", "install"))]
     if "script" in build:
         for i, line in enumerate(ctx.render(("script",), build["script"])):
-            steps.append(Step(f"script-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), ctx.src, env))
+            steps.append(Step(f"script-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), bdir, env,
+                              ("build", "script", i)))
     return steps
 
 
@@ -235,13 +246,13 @@ def run_steps(ctx: BuildContext, steps: list[Step], *, log: Log = print, first_i
                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
             except OSError as exc:
                 raise BuildError(f"{step.name} step could not start: {exc}",
-                                 where=ctx.package.recipe.where(("build",)), details=f"log: {log_file}") from exc
+                                 where=ctx.package.recipe.where(step.origin), details=f"log: {log_file}") from exc
         seconds = time.perf_counter() - start
         timings.append(StepTiming(step.name, seconds))
         if result.returncode != 0:
             raise BuildError(
                 f"{step.name} step of {ctx.package.target} failed (exit code {result.returncode})",
-                where=ctx.package.recipe.where(("build",)),
+                where=ctx.package.recipe.where(step.origin),
                 details=f"last lines of {log_file}:\n" + tail(log_file) + f"\nfull log: {log_file}",
                 hint="read the log; fix the recipe or add a patch, then build again",
             )

@@ -31,6 +31,14 @@ class Config:
     # Whether a miss at upstream may fall back to Debian's source archive.
     use_debian_archive: bool = True
 
+    def __post_init__(self) -> None:
+        # Accept strings for paths (e.g. from the command line or a script).
+        for name in ("root", "output_dir", "cache_dir"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, Path(value))
+        object.__setattr__(self, "mirrors", tuple(self.mirrors))
+
     @classmethod
     def from_env(cls, root: Path | None = None, **overrides: object) -> Config:
         root = root or project_root()

@@ -181,7 +181,8 @@ def _prepare(ctx: BuildContext, fetched: FetchedSource, log: Log) -> list[StepTi
     from .build import Step
 
     env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
-    steps = [Step(f"prepare-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), ctx.src, env)
+    origin = ("versions", ctx.package.version)
+    steps = [Step(f"prepare-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), ctx.src, env, origin)
              for i, line in enumerate(fetched.spec.prepare)]
     log(f"  [{ctx.package.target}] preparing the source from {fetched.origin} on the host")
     return run_steps(ctx, steps, log=log, first_index=1)

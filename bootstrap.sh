@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Install what wasmforge needs on a Debian 12 (bookworm) machine, then provision the WASI toolchain.
+#   - Debian packages: the LLVM 22 WASI compiler tools, and the host tools builds use;
+#   - a Python virtual environment in .venv with wasmforge and its test tools;
+#   - `invoke toolchain --install`: the pinned WASI SDK, or one assembled from Debian packages.
+# Safe to run again: every step skips what is already there.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+APT_PACKAGES=(
+  clang-22 lld-22 llvm-22 libclang-rt-22-dev-wasm32   # the WASI cross compiler, linker and tools
+  make patch pkgconf cmake autoconf automake           # build drivers
+  tcl xz-utils ca-certificates                         # SQLite's amalgamation generator, .tar.xz, TLS
+  python3-venv
+)
+
+if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo); fi
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "bootstrap: installing ${missing[*]}"
+  "${SUDO[@]}" apt-get update -q
+  DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q "${missing[@]}"
+fi
+
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "bootstrap: creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e '.[test]'
+
+echo "bootstrap: provisioning the WASI toolchain"
+.venv/bin/invoke toolchain --install

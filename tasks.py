@@ -1,0 +1,196 @@
+"""wasmforge's command line: `invoke --list` shows the tasks, `invoke --help TASK` their options.
+
+Thin on purpose: parse arguments, call wasmforge, print. Errors a user can fix are printed as one
+message without a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import shlex
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from invoke import task
+from invoke.exceptions import Exit
+
+from wasmforge.config import Config
+from wasmforge.errors import WasmforgeError
+from wasmforge.pipeline import build_target, output_dir, read_manifest
+from wasmforge.recipe import RecipeBook
+from wasmforge.runtime import Runner
+from wasmforge.smoke import run_smoke_tests
+from wasmforge.sources import fetch_sources
+from wasmforge.toolchain import find_toolchain, install_toolchain
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cli(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn a WasmforgeError into a clean message and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except WasmforgeError as exc:
+            print(f"error: {exc.render()}", file=sys.stderr)
+            raise Exit(code=1) from None
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            raise Exit(code=130) from None
+
+    return wrapper
+
+
+def _config(jobs: int | None = None, mirror: list[str] | None = None) -> Config:
+    config = Config.from_env(jobs=jobs or None)
+    if mirror:
+        config = Config(**{**config.__dict__, "mirrors": tuple(mirror) + config.mirrors})
+    return config
+
+
+def _remainder(ctx: Any) -> list[str]:
+    # invoke joins the words after `--` with spaces, losing their quoting; sys.argv still has them.
+    if "--" in sys.argv:
+        return sys.argv[sys.argv.index("--") + 1:]
+    return shlex.split(ctx.remainder or "")
+
+
+@task(name="list")
+@cli
+def list_(ctx):
+    """List packages with their versions, flavors, dependencies and whether each is built."""
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    rows = [("package", "version", "flavors", "depends", "built")]
+    for recipe in book.recipes.values():
+        for version in recipe.versions:
+            built = []
+            for flavor in [None, *recipe.flavors]:
+                manifest = read_manifest(output_dir(config, recipe.resolve(version, flavor)))
+                if manifest:
+                    built.append(f"{flavor or 'default'} ({manifest['built_at'][:10]})")
+            rows.append((recipe.name, version, ", ".join(recipe.flavors) or "-",
+                         ", ".join(recipe.depends) or "-", "; ".join(built) or "no"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+@task(help={"install": "provision a toolchain if none is found",
+            "from": "with --install: auto (the pinned WASI SDK, else Debian packages), sdk, or debian"})
+@cli
+def toolchain(ctx, install=False, from_="auto"):
+    """Show the WASI toolchain that builds use (and why it was chosen); --install provisions one."""
+    config = _config()
+    if install:
+        tc = install_toolchain(config, source=from_, log=log)
+        if from_ == "auto":
+            tc = find_toolchain(config)
+    else:
+        tc = find_toolchain(config)
+    print(tc.describe())
+
+
+@task(iterable=["mirror"], help={"mirror": "a directory or base URL to look in first (repeatable)"})
+@cli
+def fetch(ctx, target, mirror=None):
+    """Fetch and verify a package's source (and its dependencies') without building."""
+    config = _config(mirror=mirror)
+    book = RecipeBook.load(config.recipes_dir)
+    for t in book.build_order(book.parse_target(target)):
+        package = book.package(t)
+        fetched = fetch_sources(package.sources, config, log=log)
+        print(f"{t}: {fetched.path} (sha256 {fetched.spec.sha256}, from {fetched.origin})")
+
+
+@task(iterable=["mirror"], help={
+    "flavor": "build a flavor of the package (see `invoke list`)",
+    "jobs": "parallel compile jobs (default: the number of cores)",
+    "force": "rebuild the target even if its output is up to date",
+    "no-test": "skip the smoke tests",
+    "mirror": "a directory or base URL to look in for sources first (repeatable)",
+})
+@cli
+def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=None):
+    """Build a package and its dependencies, precompile its modules and run its smoke tests."""
+    config = _config(jobs=jobs, mirror=mirror)
+    book = RecipeBook.load(config.recipes_dir)
+    t = book.parse_target(target, flavor)
+    tc = find_toolchain(config)
+    log(f"toolchain: {tc.kind} ({tc.clang_version}; {tc.libc})")
+    results = build_target(book, t, config, tc, log=log, force=force, run_tests=not no_test)
+    final = results[-1]
+    manifest = read_manifest(final.output) or {}
+    print(f"{final.target}: {'up to date' if final.reused else 'built'} in {final.output}")
+    for name, rel in manifest.get("programs", {}).items():
+        size = manifest["outputs"][rel]["size"]
+        print(f"  {rel}  ({size / 1024:.0f} KiB)  run: invoke run {final.target} --program {name} -- ARGS")
+
+
+def _built(config: Config, book: RecipeBook, target: str, flavor: str | None = None):
+    package = book.package(book.parse_target(target, flavor))
+    out = output_dir(config, package)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise WasmforgeError(f"{package.target} is not built (no {out / 'manifest.json'})",
+                             hint=f"build it first: invoke build {package.target}")
+    return package, out, manifest
+
+
+@task(help={"flavor": "test a flavor of the package"})
+@cli
+def test(ctx, target, flavor=None):
+    """Run a built package's smoke tests again."""
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    package, out, _ = _built(config, book, target, flavor)
+    outcomes = run_smoke_tests(package, out / "bin", Runner(), log=print)
+    failed = [o for o in outcomes if not o.passed]
+    print(f"{len(outcomes) - len(failed)} passed, {len(failed)} failed")
+    if failed:
+        raise Exit(code=1)
+
+
+@task(iterable=["dir", "env"], help={
+    "dir": "GUEST:HOST directory to preopen, e.g. /data:./data (repeatable)",
+    "env": "K=V environment variable for the module (repeatable; the environment is empty otherwise)",
+    "program": "which program of the package (default: its first output)",
+    "timeout": "stop the module after this many seconds",
+    "memory": "memory limit in MiB",
+    "no-precompiled": "compile the module instead of using its precompiled form",
+})
+@cli
+def run(ctx, target, dir=None, env=None, program=None, timeout=0.0, memory=0, no_precompiled=False):
+    """Run a built program: invoke run lua-5.4.7 -- -e "print(1+1)"."""
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    package, out, manifest = _built(config, book, target)
+    programs = manifest.get("programs", {})
+    name = program or next(iter(programs), None)
+    if name not in programs:
+        raise WasmforgeError(f"{package.target} has no program {name!r}",
+                             hint=f"programs: {', '.join(programs) or 'none'}")
+    dirs = []
+    for spec in dir or []:
+        guest, sep, host = spec.partition(":")
+        if not sep or not guest.startswith("/"):
+            raise WasmforgeError(f"--dir {spec!r}: expected GUEST:HOST with an absolute guest path, e.g. /data:./data")
+        dirs.append((guest, Path(host).resolve()))
+    variables = {}
+    for item in env or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise WasmforgeError(f"--env {item!r}: expected K=V")
+        variables[key] = value
+    runner = Runner(use_precompiled=not no_precompiled)
+    result = runner.run(out / programs[name], [name, *_remainder(ctx)], env=variables, dirs=dirs,
+                        timeout=timeout or None, memory_limit=memory * 1024 * 1024 or None, capture=False)
+    if result.timed_out or result.trap:
+        print(f"{name}: {result.describe()}", file=sys.stderr)
+    raise Exit(code=result.status)

@@ -1,0 +1,130 @@
+"""Shared fixtures: a real toolchain, throw-away projects, tarballs and a local HTTP server."""
+
+from __future__ import annotations
+
+import http.server
+import io
+import shutil
+import tarfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from wasmforge.config import Config, project_root
+from wasmforge.errors import ToolchainError
+from wasmforge.toolchain import Toolchain, find_toolchain
+
+ROOT = project_root()
+
+
+@pytest.fixture(scope="session")
+def toolchain() -> Toolchain:
+    """The real WASI toolchain (CI provisions it with `invoke toolchain --install` first)."""
+    try:
+        return find_toolchain(Config.from_env())
+    except ToolchainError as exc:
+        pytest.fail(f"these tests need a WASI toolchain: {exc}")
+
+
+def make_tarball(path: Path, files: dict[str, str | bytes], top: str | None = None) -> Path:
+    """A .tar.gz with `files` (name -> content) under an optional top directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, content in files.items():
+            data = content.encode() if isinstance(content, str) else content
+            info = tarfile.TarInfo(f"{top}/{name}" if top else name)
+            info.size = len(data)
+            info.mode = 0o755 if name.endswith((".sh", "configure")) else 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+@dataclass
+class Project:
+    """A throw-away checkout: its own recipes/, patches/, outputs and caches."""
+
+    root: Path
+    config: Config
+
+    def recipe(self, name: str, text: str) -> Path:
+        path = self.root / "recipes" / f"{name}.yaml"
+        path.write_text(text)
+        return path
+
+    def patch(self, package: str, series: str, name: str, text: str) -> Path:
+        path = self.root / "patches" / package / series / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    root = tmp_path / "project"
+    (root / "recipes").mkdir(parents=True)
+    (root / "patches").mkdir()
+    shutil.copytree(ROOT / "toolchain", root / "toolchain")
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    # Sources of these projects go to their own cache (the real one holds the toolchain).
+    config = Config.from_env(root=root, output_dir=root / "build-output", mirrors=(str(mirror),),
+                             cache_dir=tmp_path / "cache", use_debian_archive=False)
+    return Project(root=root, config=config)
+
+
+@dataclass
+class Route:
+    body: bytes
+    # Serve only this many bytes of the body (while announcing all of it) for the first
+    # `failures` requests, then serve it whole.
+    cut_at: int | None = None
+    failures: int = 0
+    status: int = 200
+    hits: int = field(default=0)
+
+
+class LocalServer:
+    def __init__(self) -> None:
+        self.routes: dict[str, Route] = {}
+        routes = self.routes
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                route = routes.get(self.path)
+                if route is None:
+                    self.send_error(404)
+                    return
+                route.hits += 1
+                self.send_response(route.status)
+                self.send_header("Content-Length", str(len(route.body)))
+                self.end_headers()
+                if route.cut_at is not None and route.hits <= route.failures:
+                    self.wfile.write(route.body[:route.cut_at])
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
+                self.wfile.write(route.body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server() -> Iterator[LocalServer]:
+    srv = LocalServer()
+    yield srv
+    srv.close()

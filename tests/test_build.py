@@ -1,0 +1,281 @@
+"""Builds of small real projects with the real toolchain: drivers, dependencies, failures, locks."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, make_tarball
+
+from wasmforge.errors import BuildError, PatchError, SmokeTestError
+from wasmforge.pipeline import build_target, read_manifest
+from wasmforge.recipe import RecipeBook
+from wasmforge.runtime import Runner
+
+HELLO_C = '#include <stdio.h>\nint main(int c, char **v){ printf("hello %s\\n", c > 1 ? v[1] : "world"); return 0; }\n'
+MAKEFILE = "hello: hello.c\n\t$(CC) $(CFLAGS) $(LDFLAGS) hello.c -o hello $(LIBS)\n"
+
+
+def _source(project, name: str, version: str, files: dict[str, str]) -> str:
+    """Put `name-version.tar.gz` in the project's mirror; return its sha256."""
+    mirror = Path(project.config.mirrors[0])
+    path = make_tarball(mirror / f"{name}-{version}.tar.gz", files, top=f"{name}-{version}")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _recipe(name: str, sha: str, body: str, *, version: str = "1.0", extra_version: str = "") -> str:
+    return textwrap.dedent(f"""\
+        name: {name}
+        summary: test package {name}
+        license: MIT
+        versions:
+          "{version}":
+            sha256: {sha}
+        {extra_version}
+        source:
+          url: https://example.invalid/{name}-${{{{ version }}}}.tar.gz
+        """) + textwrap.dedent(body)
+
+
+def _build(project, toolchain, target: str, **kwargs):
+    book = RecipeBook.load(project.config.recipes_dir)
+    messages: list[str] = []
+    results = build_target(book, book.parse_target(target), project.config, toolchain, log=messages.append, **kwargs)
+    return results, messages
+
+
+HELLO_RECIPE = """\
+    build:
+      system: make
+      cflags: [-O2]
+      make: [hello]
+      install: []
+    outputs:
+      hello: hello
+    tests:
+      - run: [hello, wasm]
+        stdout: "hello wasm\\n"
+    """
+
+
+def test_make_build_outputs_manifest_and_up_to_date(project, toolchain):
+    sha = _source(project, "hello", "1.0", {"hello.c": HELLO_C, "Makefile": MAKEFILE})
+    project.recipe("hello", _recipe("hello", sha, HELLO_RECIPE))
+    results, messages = _build(project, toolchain, "hello-1.0")
+    out = results[-1].output
+    assert out == project.config.outputs / "hello" / "1.0"
+    assert (out / "bin" / "hello.wasm").exists() and (out / "bin" / "hello.cwasm").exists()
+    manifest = read_manifest(out)
+    assert manifest["inputs"]["sources"][0]["sha256"] == sha
+    assert manifest["inputs"]["toolchain"]["clang"] == toolchain.clang_version
+    assert manifest["outputs"]["bin/hello.wasm"]["size"] == (out / "bin" / "hello.wasm").stat().st_size
+    assert manifest["tests"] == [{"name": "hello wasm", "passed": True, "seconds": manifest["tests"][0]["seconds"],
+                                  "problems": []}]
+    assert {s["name"] for s in manifest["steps"]} >= {"fetch+extract", "patch", "make", "precompile"}
+    assert (out / "logs").is_dir()
+    assert not (project.config.outputs / ".work" / "hello-1.0").exists()
+    assert Runner().run(out / "bin" / "hello.wasm", ["hello"]).stdout == b"hello world\n"
+
+    again, messages = _build(project, toolchain, "hello-1.0")
+    assert again[-1].reused and any("up to date" in m for m in messages)
+    forced, _ = _build(project, toolchain, "hello-1.0", force=True)
+    assert not forced[-1].reused and forced[-1].key == results[-1].key
+
+
+GREET = {
+    "configure.ac": "AC_INIT([greet], [1.0])\nAM_INIT_AUTOMAKE([foreign])\nAC_PROG_CC\nAM_PROG_AR\nAC_PROG_RANLIB\n"
+                    "AC_CONFIG_FILES([Makefile greet.pc])\nAC_OUTPUT\n",
+    "Makefile.am": "lib_LIBRARIES = libgreet.a\nlibgreet_a_SOURCES = greet.c\ninclude_HEADERS = greet.h\n"
+                   "pkgconfigdir = $(libdir)/pkgconfig\npkgconfig_DATA = greet.pc\n"
+                   "bin_PROGRAMS = greeter\ngreeter_SOURCES = main.c\ngreeter_LDADD = libgreet.a\n",
+    "greet.pc.in": "prefix=@prefix@\nlibdir=${prefix}/lib\nincludedir=${prefix}/include\n\n"
+                   "Name: greet\nDescription: test\nVersion: 1.0\nLibs: -L${libdir} -lgreet\nCflags: -I${includedir}\n",
+    "greet.h": "const char *greeting(void);\n",
+    "greet.c": '#include "greet.h"\n#ifdef GREET_LOUD\nconst char *greeting(void) { return "HELLO FROM AUTOTOOLS"; }\n'
+               '#endif\n',
+    "main.c": '#include <stdio.h>\n#include "greet.h"\nint main(void) { puts(greeting()); return 0; }\n',
+}
+
+APP_MAKEFILE = ("app: app.c\n\t$(CC) $(CFLAGS) $$(pkg-config --cflags greet) $(LDFLAGS) app.c -o app "
+                "$$(pkg-config --libs greet) $(LIBS)\n")
+APP_C = '#include <stdio.h>\n#include <greet.h>\nint main(void) { printf("app says %s\\n", greeting()); return 0; }\n'
+
+
+@pytest.mark.skipif(not shutil.which("autoreconf"), reason="needs autoconf and automake (CI installs them)")
+def test_autotools_dependency_seen_through_pkg_config(project, toolchain, tmp_path):
+    # A real autoconf project: generate its configure script as a release tarball would have it.
+    src = tmp_path / "greet-src"
+    src.mkdir()
+    for name, text in GREET.items():
+        (src / name).write_text(text)
+    subprocess.run(["autoreconf", "-fi"], cwd=src, check=True, capture_output=True)
+    files = {str(p.relative_to(src)): p.read_text() for p in src.rglob("*")
+             if p.is_file() and "autom4te.cache" not in p.parts}
+    sha = _source(project, "greet", "1.0", files)
+    project.recipe("greet", _recipe("greet", sha, """\
+        build:
+          system: autotools
+          cflags: [-DGREET_LOUD]
+          configure: [--disable-dependency-tracking]
+        outputs:
+          greeter: greeter
+        tests:
+          - run: [greeter]
+            stdout: "HELLO FROM AUTOTOOLS\\n"
+        """))
+    app_sha = _source(project, "app", "1.0", {"app.c": APP_C, "Makefile": APP_MAKEFILE})
+    project.recipe("app", _recipe("app", app_sha, """\
+        depends: [greet]
+        build:
+          system: make
+          make: [app]
+          install: []
+        outputs:
+          app: app
+        tests:
+          - run: [app]
+            stdout: "app says HELLO FROM AUTOTOOLS\\n"
+        """))
+    results, _ = _build(project, toolchain, "app")
+    greet_out, app_out = results[0].output, results[1].output
+    assert (greet_out / "lib" / "libgreet.a").exists() and (greet_out / "include" / "greet.h").exists()
+    pc = (greet_out / "lib" / "pkgconfig" / "greet.pc").read_text()
+    assert f"prefix={greet_out}" in pc  # installed with DESTDIR, valid at its final place
+    manifest = read_manifest(app_out)
+    assert manifest["inputs"]["dependencies"] == {"greet": results[0].key}
+    assert all(t["passed"] for t in manifest["tests"])
+    # The configure log shows it cross-compiled.
+    log = (greet_out / "logs").glob("*configure.log")
+    assert "--host=wasm32-wasip1" in next(log).read_text()
+
+
+def test_cmake_driver(project, toolchain):
+    sha = _source(project, "cm", "1.0", {
+        "CMakeLists.txt": "cmake_minimum_required(VERSION 3.13)\nproject(cm C)\nadd_executable(cm main.c)\n"
+                          "install(TARGETS cm DESTINATION bin)\n",
+        "main.c": '#include <stdio.h>\nint main(void) {\n#ifdef __wasi__\nputs("cmake for wasi");\n#endif\nreturn 0; }\n',
+    })
+    project.recipe("cm", _recipe("cm", sha, """\
+        build:
+          system: cmake
+        outputs:
+          cm: cm
+        tests:
+          - run: [cm]
+            stdout: "cmake for wasi\\n"
+        """))
+    results, _ = _build(project, toolchain, "cm")
+    assert all(t["passed"] for t in read_manifest(results[-1].output)["tests"])
+
+
+def test_compile_failure_shows_log_tail_and_path_and_leaves_no_output(project, toolchain):
+    sha = _source(project, "hello", "1.0", {"hello.c": "int main(void) { return undefined_thing; }\n",
+                                            "Makefile": MAKEFILE})
+    project.recipe("hello", _recipe("hello", sha, HELLO_RECIPE))
+    with pytest.raises(BuildError) as info:
+        _build(project, toolchain, "hello-1.0")
+    err = info.value
+    assert "make step of hello-1.0 failed" in err.what
+    assert err.where.endswith("hello.yaml:13")  # the build.make line
+    assert "undefined_thing" in err.details
+    log = project.config.outputs / ".work" / "hello-1.0" / "logs"
+    assert f"full log: {log}" in err.details
+    assert not (project.config.outputs / "hello" / "1.0").exists()
+
+
+def test_patch_failure_names_the_patch_and_the_next_build_starts_clean(project, toolchain):
+    sha = _source(project, "hello", "1.0", {"hello.c": HELLO_C, "Makefile": MAKEFILE})
+    recipe = _recipe("hello", sha, HELLO_RECIPE, extra_version='    patches: "1"')
+    project.recipe("hello", recipe)
+    bad = project.patch("hello", "1", "0001-greeting.patch", textwrap.dedent("""\
+        Change the greeting.
+
+        --- a/hello.c
+        +++ b/hello.c
+        @@ -1,2 +1,2 @@
+         #include <stdio.h>
+        -int main(int c, char **v){ printf("HELLO %s\\n", c > 1 ? v[1] : "world"); return 0; }
+        +int main(int c, char **v){ printf("patched %s\\n", c > 1 ? v[1] : "world"); return 0; }
+        """))
+    with pytest.raises(PatchError) as info:
+        _build(project, toolchain, "hello-1.0")
+    assert "0001-greeting.patch does not apply cleanly" in info.value.what
+    assert f"{bad}:5: hunk #1 for hello.c" in info.value.details
+    assert not (project.config.outputs / "hello" / "1.0").exists()
+    # Fixed patch: the build starts from a fresh tree (a half-patched one would fail or differ).
+    bad.write_text(bad.read_text().replace('"HELLO %s', '"hello %s'))
+    project.recipe("hello", recipe.replace("hello wasm", "patched wasm"))
+    results, _ = _build(project, toolchain, "hello-1.0")
+    assert Runner().run(results[-1].output / "bin" / "hello.wasm", ["hello", "x"]).stdout == b"patched x\n"
+
+
+def test_hanging_smoke_test_is_killed_and_reported(project, toolchain):
+    sha = _source(project, "hang", "1.0", {"hello.c": "int main(void) { volatile int i = 0; for (;;) i++; }\n",
+                                           "Makefile": MAKEFILE})
+    project.recipe("hang", _recipe("hang", sha, """\
+        build:
+          system: make
+          make: [hello]
+          install: []
+        outputs:
+          hello: hello
+        tests:
+          - name: never returns
+            run: [hello]
+            timeout: 1
+        """))
+    with pytest.raises(SmokeTestError) as info:
+        _build(project, toolchain, "hang")
+    assert "1 of 1 smoke tests of hang-1.0 failed: never returns" in info.value.what
+    assert "killed by the timeout" in info.value.details
+    assert not (project.config.outputs / "hang" / "1.0").exists()
+
+
+def test_two_builds_of_the_same_target_at_once(project, toolchain):
+    sha = _source(project, "slow", "1.0", {"hello.c": HELLO_C, "Makefile": MAKEFILE})
+    project.recipe("slow", _recipe("slow", sha, """\
+        build:
+          system: script
+          script:
+            - sleep 3 && make hello
+        outputs:
+          hello: hello
+        """))
+    code = textwrap.dedent(f"""\
+        import sys
+        from wasmforge.config import Config
+        from wasmforge.recipe import RecipeBook
+        from wasmforge.pipeline import build_target
+        from wasmforge.toolchain import find_toolchain
+        cfg = Config.from_env(root={str(project.root)!r}, output_dir={str(project.config.outputs)!r},
+                              cache_dir={str(project.config.cache_dir)!r}, mirrors=({project.config.mirrors[0]!r},),
+                              use_debian_archive=False)
+        book = RecipeBook.load(cfg.recipes_dir)
+        build_target(book, book.parse_target("slow"), cfg, find_toolchain(Config.from_env()), log=print)
+        """)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    out1, _ = first.communicate(timeout=120)
+    out2, _ = second.communicate(timeout=120)
+    assert first.returncode == 0 and second.returncode == 0
+    both = out1 + out2
+    assert "another build of slow-1.0 is running" in both
+    assert both.count("slow-1.0: building") == 1
+    assert "slow-1.0: up to date" in both
+    manifest = json.loads((project.config.outputs / "slow" / "1.0" / "manifest.json").read_text())
+    assert manifest["target"] == "slow-1.0"
+
+
+def test_cli_errors_have_no_traceback():
+    result = subprocess.run(["invoke", "build", "no-such-package-1.0"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "error: unknown package in 'no-such-package-1.0'" in result.stderr
+    assert "Traceback" not in result.stderr

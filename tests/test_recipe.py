@@ -1,0 +1,159 @@
+"""Recipe validation: every mistake is reported with file, line and key path."""
+
+from __future__ import annotations
+
+import pytest
+
+from wasmforge.config import Config
+from wasmforge.errors import RecipeError
+from wasmforge.recipe import RecipeBook, load_recipe
+
+SHA = "a" * 64
+
+GOOD = f"""\
+name: tiny
+summary: a tiny test package
+license: MIT
+versions:
+  "1.0":
+    sha256: {SHA}
+  "1.1":
+    sha256: {"b" * 64}
+source:
+  url: https://example.invalid/tiny-${{{{ version }}}}.tar.gz
+build:
+  system: make
+  cflags: [-O2]
+outputs:
+  hello: hello
+flavors:
+  small:
+    build: {{cflags: [-Os]}}
+tests:
+  - run: [hello, "${{{{ version }}}}"]
+    stdout: "hi ${{{{ major }}}}\\n"
+"""
+
+
+def test_good_recipe_renders(project):
+    project.recipe("tiny", GOOD)
+    book = RecipeBook.load(project.config.recipes_dir)
+    pkg = book.package(book.parse_target("tiny-1.1"))
+    assert pkg.sources[0].url == "https://example.invalid/tiny-1.1.tar.gz"
+    assert pkg.sources[0].sha256 == "b" * 64
+    assert pkg.tests[0].steps[0].run == ("hello", "1.1")
+    assert pkg.tests[0].steps[0].stdout.text == "hi 1\n"
+    small = book.package(book.parse_target("tiny-1.0-small"))
+    assert small.build["cflags"] == ["-O2", "-Os"]
+    assert small.output_key == "1.0-small"
+    assert book.parse_target("tiny").version == "1.0"
+
+
+def _error(project, text: str) -> RecipeError:
+    path = project.recipe("tiny", text)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    return info.value
+
+
+def test_unknown_key_names_file_line_and_path(project):
+    err = _error(project, GOOD.replace("  cflags: [-O2]", "  cflags: [-O2]\n  cflgs: [-O3]"))
+    assert err.where.endswith("tiny.yaml:14")
+    assert "build.cflgs: unknown key" in err.what
+    assert "allowed keys" in err.hint
+
+
+def test_wrong_type(project):
+    err = _error(project, GOOD.replace("cflags: [-O2]", "cflags: -O2"))
+    assert "build.cflags: must be a list" in err.what
+    assert err.where.endswith(":13")
+
+
+def test_missing_sha256(project):
+    err = _error(project, GOOD.replace(f"    sha256: {SHA}\n", "    patches: '1'\n"))
+    assert 'versions."1.0"' in err.what and "missing required key 'sha256'" in err.what
+    assert err.where.endswith(":5")
+
+
+def test_bad_sha256(project):
+    err = _error(project, GOOD.replace(SHA, "abc"))
+    assert "sha256" in err.what and "64" in err.what
+
+
+def test_unquoted_version_is_explained(project):
+    err = _error(project, GOOD.replace('"1.0":', "1.0:"))
+    assert "must be a string" in err.what and "quote" in err.hint
+
+
+def test_yaml_syntax_error_has_line(project):
+    err = _error(project, GOOD.replace("  system: make", "  system: [make"))
+    assert "YAML syntax error" in err.what
+    assert err.where.endswith((":12", ":13"))
+
+
+def test_test_program_must_be_an_output(project):
+    err = _error(project, GOOD.replace("run: [hello,", "run: [bye,"))
+    assert "'bye' is not one of this recipe's outputs" in err.what
+
+
+def test_name_must_match_file(project):
+    err = _error(project, GOOD.replace("name: tiny", "name: other"))
+    assert "does not match the file name" in err.what
+
+
+def test_template_error_points_at_value(project):
+    project.recipe("tiny", GOOD.replace("tiny-${{ version }}", "tiny-${{ verison }}"))
+    book = RecipeBook.load(project.config.recipes_dir)
+    with pytest.raises(RecipeError) as info:
+        book.package(book.parse_target("tiny-1.0"))
+    assert "source.url: template error" in info.value.what
+    assert "verison" in info.value.what
+    assert info.value.where.endswith(":10")
+
+
+def test_unknown_dependency(project):
+    project.recipe("tiny", GOOD.replace("build:\n", "depends: [nosuch]\nbuild:\n"))
+    with pytest.raises(RecipeError) as info:
+        RecipeBook.load(project.config.recipes_dir)
+    assert "dependency 'nosuch'" in info.value.what
+    assert info.value.where.endswith("tiny.yaml:11")
+
+
+def test_dependency_cycle(project):
+    project.recipe("tiny", GOOD.replace("build:\n", "depends: [other]\nbuild:\n"))
+    project.recipe("other", GOOD.replace("name: tiny", "name: other").replace("build:\n", "depends: [tiny]\nbuild:\n"))
+    with pytest.raises(RecipeError) as info:
+        RecipeBook.load(project.config.recipes_dir)
+    assert "dependency cycle" in info.value.what
+    assert "other -> tiny -> other" in info.value.what or "tiny -> other -> tiny" in info.value.what
+
+
+def test_unknown_package_version_and_flavor(project):
+    project.recipe("tiny", GOOD)
+    book = RecipeBook.load(project.config.recipes_dir)
+    with pytest.raises(RecipeError, match="unknown package"):
+        book.parse_target("huge-1.0")
+    with pytest.raises(RecipeError, match="has no version '2.0'"):
+        book.parse_target("tiny-2.0")
+    with pytest.raises(RecipeError, match="no flavor 'big'"):
+        book.parse_target("tiny-1.0-big")
+
+
+def test_build_order_puts_dependencies_first(project):
+    project.recipe("tiny", GOOD.replace("build:\n", "depends: [base]\nbuild:\n"))
+    project.recipe("base", GOOD.replace("name: tiny", "name: base"))
+    book = RecipeBook.load(project.config.recipes_dir)
+    assert [str(t) for t in book.build_order(book.parse_target("tiny-1.1"))] == ["base-1.0", "tiny-1.1"]
+
+
+def test_the_real_recipes_load_and_render():
+    config = Config.from_env()
+    book = RecipeBook.load(config.recipes_dir)
+    assert {"zlib", "sqlite", "lua"} <= set(book.recipes)
+    for recipe in book.recipes.values():
+        for version in recipe.versions:
+            for flavor in [None, *recipe.flavors]:
+                pkg = recipe.resolve(version, flavor)
+                assert pkg.sources[0].sha256 == recipe.versions[version]["sha256"]
+    sqlite = book.package(book.parse_target("sqlite-3.46.1"))
+    assert sqlite.sources[0].url.endswith("/sqlite-autoconf-3460100.tar.gz")

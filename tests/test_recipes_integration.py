@@ -1,0 +1,80 @@
+"""The real recipes, built for real from pinned upstream sources (or Debian's identical/alternative
+files) with the real toolchain, once per test session, into a throw-away output directory."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+from conftest import ROOT
+
+from wasmforge.config import Config
+from wasmforge.pipeline import build_target, read_manifest
+from wasmforge.recipe import RecipeBook
+from wasmforge.runtime import Runner
+
+pytestmark = pytest.mark.integration
+TARGETS = ("zlib-1.3.1", "sqlite-3.46.1", "lua-5.4.7")
+
+
+@pytest.fixture(scope="session")
+def built(toolchain, tmp_path_factory):
+    """Build the three recipes once; the source cache is the user's, outputs are temporary."""
+    out = tmp_path_factory.mktemp("build-output")
+    config = Config.from_env(output_dir=out)
+    book = RecipeBook.load(config.recipes_dir)
+    results = {}
+    for target in TARGETS:
+        results[target] = build_target(book, book.parse_target(target), config, toolchain,
+                                       log=lambda m: print(m, flush=True))[-1]
+    return config, results
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_recipe_builds_and_passes_its_smoke_tests(built, target):
+    _, results = built
+    manifest = read_manifest(results[target].output)
+    assert manifest is not None
+    assert manifest["tests"], "every recipe has smoke tests"
+    assert all(t["passed"] for t in manifest["tests"])
+    for rel in manifest["programs"].values():
+        wasm = results[target].output / rel
+        assert wasm.read_bytes()[:4] == b"\0asm"
+        assert wasm.with_suffix(".cwasm").exists()
+        assert manifest["outputs"][rel]["size"] == wasm.stat().st_size
+
+
+def test_libraries_install_headers_and_pkg_config(built):
+    _, results = built
+    zlib = results["zlib-1.3.1"].output
+    assert (zlib / "lib" / "libz.a").exists() and (zlib / "include" / "zlib.h").exists()
+    assert f"prefix={zlib}" in (zlib / "lib" / "pkgconfig" / "zlib.pc").read_text()
+    sqlite = results["sqlite-3.46.1"].output
+    assert (sqlite / "lib" / "libsqlite3.a").exists() and (sqlite / "include" / "sqlite3.h").exists()
+    assert "Version: 3.46.1" in (sqlite / "lib" / "pkgconfig" / "sqlite3.pc").read_text()
+
+
+def test_lua_error_handling_needs_and_has_exception_handling(built):
+    _, results = built
+    lua = results["lua-5.4.7"].output / "bin" / "lua.wasm"
+    result = Runner().run(lua, ["lua", "-e", "local ok, e = pcall(error, {code = 7}); os.exit(e.code)"])
+    assert result.exit_code == 7
+
+
+def test_invoke_run_prints_2(built):
+    config, _ = built
+    env = {**os.environ, "WASMFORGE_OUTPUT": str(config.outputs)}
+    result = subprocess.run(["invoke", "run", "lua-5.4.7", "--", "-e", "print(1+1)"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.stdout == "2\n", result.stderr
+    assert result.returncode == 0
+    exit3 = subprocess.run(["invoke", "run", "lua-5.4.7", "--", "-e", "os.exit(3)"], cwd=ROOT, env=env)
+    assert exit3.returncode == 3
+
+
+def test_rebuild_with_nothing_changed_is_up_to_date(built, toolchain):
+    config, results = built
+    book = RecipeBook.load(config.recipes_dir)
+    again = build_target(book, book.parse_target("lua-5.4.7"), config, toolchain, log=lambda m: None)
+    assert again[-1].reused and again[-1].key == results["lua-5.4.7"].key

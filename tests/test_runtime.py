@@ -1,0 +1,162 @@
+"""The wasmtime runner, on real modules compiled with the real toolchain."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from wasmforge.build import LINK_FLAGS
+from wasmforge.optimize import audit_imports, precompile
+from wasmforge.runtime import Runner, precompiled_path, uses_exceptions
+from wasmforge.toolchain import EH_CFLAGS, EH_LIBS
+
+PROGRAM = r"""
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+extern char **environ;
+int main(int argc, char **argv) {
+    if (argc > 1 && strcmp(argv[1], "env") == 0) {
+        int n = 0;
+        for (char **e = environ; *e; e++) { printf("%s\n", *e); n++; }
+        printf("%d variables\n", n);
+        return 0;
+    }
+    if (argc > 1 && strcmp(argv[1], "ls") == 0) {
+        DIR *d = opendir(argv[2]);
+        if (!d) { perror(argv[2]); return 4; }
+        struct dirent *e;
+        while ((e = readdir(d))) if (e->d_name[0] != '.') printf("%s\n", e->d_name);
+        return 0;
+    }
+    if (argc > 1 && strcmp(argv[1], "cat") == 0) {
+        int c;
+        while ((c = getchar()) != EOF) putchar(toupper_ascii(c));
+        return 0;
+    }
+    if (argc > 1 && strcmp(argv[1], "loop") == 0) { volatile unsigned long i = 0; for (;;) i++; }
+    if (argc > 1 && strcmp(argv[1], "alloc") == 0) {
+        size_t size = (size_t)atoi(argv[2]) * 1024 * 1024;
+        volatile char *p = malloc(size);  /* volatile: the allocation must really happen */
+        if (p) p[size - 1] = 1;
+        puts(p ? "allocated" : "out of memory");
+        return p ? 0 : 2;
+    }
+    if (argc > 1 && strcmp(argv[1], "exit") == 0) { printf("bye\n"); exit(atoi(argv[2])); }
+    return 0;
+}
+"""
+
+SJLJ = r"""
+#include <setjmp.h>
+#include <stdio.h>
+static jmp_buf env;
+static void deep(int n) { if (n == 0) longjmp(env, 42); deep(n - 1); }
+int main(void) { int r = setjmp(env); if (r == 0) deep(50); printf("longjmp gave %d\n", r); return 0; }
+"""
+
+
+def _compile(toolchain, directory: Path, name: str, source: str, extra: tuple[str, ...] = ()) -> Path:
+    src = directory / f"{name}.c"
+    src.write_text(source.replace("toupper_ascii(c)", "(c >= 'a' && c <= 'z' ? c - 32 : c)"))
+    out = directory / f"{name}.wasm"
+    cmd = [toolchain.tool("clang"), "-O2", *extra, str(src), "-o", str(out), *LINK_FLAGS]
+    if extra:
+        cmd += EH_LIBS
+    subprocess.run(cmd, check=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def modules(toolchain, tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("modules")
+    return {"prog": _compile(toolchain, d, "prog", PROGRAM), "sjlj": _compile(toolchain, d, "sjlj", SJLJ, EH_CFLAGS)}
+
+
+def test_exit_codes_including_255(modules):
+    runner = Runner()
+    for code in (0, 3, 126, 255):
+        result = runner.run(modules["prog"], ["prog", "exit", str(code)])
+        assert result.exit_code == code
+        assert result.stdout == b"bye\n"
+
+
+def test_environment_is_empty_unless_given(modules):
+    runner = Runner()
+    assert runner.run(modules["prog"], ["prog", "env"]).stdout == b"0 variables\n"
+    out = runner.run(modules["prog"], ["prog", "env"], env={"GREETING": "hi"}).stdout
+    assert out == b"GREETING=hi\n1 variables\n"
+
+
+def test_only_preopened_directories_are_visible(modules, tmp_path):
+    (tmp_path / "visible.txt").write_text("x")
+    runner = Runner()
+    result = runner.run(modules["prog"], ["prog", "ls", "/data"], dirs=[("/data", tmp_path)])
+    assert result.stdout == b"visible.txt\n"
+    denied = runner.run(modules["prog"], ["prog", "ls", "/"], dirs=[("/data", tmp_path)])
+    assert denied.exit_code == 4
+    assert b"/" in denied.stderr
+
+
+def test_stdin_is_passed(modules):
+    assert Runner().run(modules["prog"], ["prog", "cat"], stdin=b"hello\n").stdout == b"HELLO\n"
+
+
+def test_timeout_kills_a_hanging_module(modules):
+    result = Runner().run(modules["prog"], ["prog", "loop"], timeout=0.5)
+    assert result.timed_out
+    assert result.exit_code is None
+    assert "killed by the timeout" in result.describe()
+    # The runner (and its engine) stays usable afterwards.
+    assert Runner().run(modules["prog"], ["prog", "exit", "0"]).exit_code == 0
+
+
+def test_memory_limit(modules):
+    runner = Runner()
+    assert runner.run(modules["prog"], ["prog", "alloc", "64"]).stdout == b"allocated\n"
+    limited = runner.run(modules["prog"], ["prog", "alloc", "64"], memory_limit=16 * 1024 * 1024)
+    assert limited.exit_code == 2 and limited.stdout == b"out of memory\n"
+
+
+def test_setjmp_longjmp_through_exception_handling(modules):
+    assert uses_exceptions(modules["sjlj"]) and not uses_exceptions(modules["prog"])
+    result = Runner().run(modules["sjlj"], ["sjlj"])
+    assert result.stdout == b"longjmp gave 42\n" and result.exit_code == 0
+
+
+def test_import_audit(modules):
+    audit_imports(modules["prog"])  # only wasi_snapshot_preview1
+
+
+def test_precompiled_module_is_used_and_mismatches_fall_back(modules, tmp_path):
+    wasm = tmp_path / "prog.wasm"
+    shutil.copyfile(modules["prog"], wasm)
+    cwasm = precompile(wasm)
+    assert cwasm == precompiled_path(wasm) and cwasm.exists()
+    result = Runner().run(wasm, ["prog", "exit", "5"])
+    assert result.precompiled and result.exit_code == 5
+
+    # A key from another wasmtime version: ignored, the module is compiled instead.
+    key_file = cwasm.with_name(cwasm.name + ".json")
+    key = json.loads(key_file.read_text())
+    key["aot"]["wasmtime"] = "1.0.0"
+    key_file.write_text(json.dumps(key))
+    result = Runner().run(wasm, ["prog", "exit", "6"])
+    assert not result.precompiled and result.exit_code == 6
+
+    # A truncated precompiled file with a matching key: detected by its hash, never loaded.
+    precompile(wasm)
+    cwasm.write_bytes(cwasm.read_bytes()[:1000])
+    result = Runner().run(wasm, ["prog", "exit", "7"])
+    assert not result.precompiled and result.exit_code == 7
+
+    # A precompiled file that belongs to another module: ignored.
+    precompile(wasm)
+    wasm.write_bytes(modules["sjlj"].read_bytes())
+    result = Runner().run(wasm, ["sjlj"])
+    assert not result.precompiled and result.stdout == b"longjmp gave 42\n"
