@@ -9,7 +9,8 @@ cd "$(dirname "$0")"
 
 APT_PACKAGES=(
   clang-22 lld-22 llvm-22 libclang-rt-22-dev-wasm32   # the WASI cross compiler, linker and tools
-  make patch pkgconf cmake autoconf automake           # build drivers
+  make patch pkgconf cmake autoconf automake libtool   # build drivers, autoreconf of git-shaped sources
+  autotools-dev                                        # a config.sub that knows wasm32-wasip1
   tcl xz-utils ca-certificates                         # SQLite's amalgamation generator, .tar.xz, TLS
   python3-venv
 )

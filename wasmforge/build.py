@@ -158,6 +158,7 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     make_args = [str(a) for a in ctx.render(("make",), build.get("make", []))]
     install_args = [str(a) for a in ctx.render(("install",), build.get("install", ["install"]))]
     bdir = ctx.build_dir
+    write_env_script(ctx, env)
     steps: list[Step] = []
     if system == "autotools":
         configure = [str(ctx.src / "configure"), f"--host={TARGET}", f"--build={_build_triple()}",
@@ -189,6 +190,26 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
             steps.append(Step(f"script-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), bdir, env,
                               ("build", "script", i)))
     return steps
+
+
+SYSTEM_CONFIG_SCRIPTS = Path("/usr/share/misc")
+
+
+def refresh_config_sub(tree: Path, log: Log) -> None:
+    """Replace each config.sub that rejects wasm32-wasip1 with the system's (Debian's autotools-dev).
+
+    Release tarballs carry the copy current when they were made; those from before 2019 reject any
+    wasm32 host. Debian's dh_update_autotools_config does the same for native packages.
+    """
+    fresh = SYSTEM_CONFIG_SCRIPTS / "config.sub"
+    for old in tree.rglob("config.sub"):
+        if subprocess.run(["sh", str(old), TARGET], capture_output=True).returncode == 0:
+            continue
+        if not fresh.exists():
+            raise BuildError(f"{old} does not know {TARGET} and no newer config.sub is installed",
+                             hint="install Debian's autotools-dev (it provides /usr/share/misc/config.sub)")
+        shutil.copyfile(fresh, old)
+        log(f"  updated {old.relative_to(tree)} from {fresh}: the old one does not know {TARGET}")
 
 
 def write_cmake_toolchain(ctx: BuildContext) -> Path:
@@ -228,6 +249,15 @@ def _build_triple() -> str:
         if out.returncode == 0 and out.stdout.strip():
             return out.stdout.strip()
     return f"{os.uname().machine}-pc-linux-gnu"
+
+
+def write_env_script(ctx: BuildContext, env: Mapping[str, str]) -> Path:
+    """`build-env.sh` in the work directory: source it to rerun a failed step by hand."""
+    path = ctx.work / "build-env.sh"
+    lines = ["# Environment of this build's steps: `. build-env.sh` to rerun one by hand."]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def run_steps(ctx: BuildContext, steps: list[Step], *, log: Log = print, first_index: int = 1) -> list[StepTiming]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .build import BuildContext, StepTiming, plan_steps, run_steps
+from .build import BuildContext, StepTiming, plan_steps, refresh_config_sub, run_steps
 from .config import Config
 from .errors import BuildError, SmokeTestError
 from .optimize import precompile
@@ -145,6 +145,8 @@ def build_package(package: Package, config: Config, toolchain: Toolchain, *, dep
             timings += _prepare(ctx, fetched, log)
         t0 = time.perf_counter()
         apply_series(ctx.src, patches, ctx.logs / "00-patch.log")
+        if package.build["system"] == "autotools":
+            refresh_config_sub(ctx.src, log)
         timings.append(StepTiming("patch", time.perf_counter() - t0))
 
         steps = plan_steps(ctx)

@@ -23,6 +23,7 @@ from .yamlspans import KeyPath, SpannedDoc, load_spanned
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(-[a-z][a-z0-9_]*)*$")
 BUILD_SYSTEMS = ("autotools", "make", "cmake", "script")
+CR_PLACEHOLDER = "\x00wasmforge-cr\x00"
 
 _jinja = jinja2.Environment(
     variable_start_string="${{",
@@ -181,7 +182,9 @@ class Recipe:
             if "${{" not in value and "{%" not in value:
                 return value
             try:
-                return _jinja.from_string(value).render(**context)
+                # Jinja turns every line ending into "\n"; keep carriage returns the recipe wrote.
+                rendered = _jinja.from_string(value.replace("\r", CR_PLACEHOLDER)).render(**context)
+                return rendered.replace(CR_PLACEHOLDER, "\r")
             except jinja2.UndefinedError as exc:
                 names = ", ".join(sorted(context))
                 raise self.doc.error(path, f"template error: {exc.message}",

@@ -203,11 +203,12 @@ class Runner:
             linker = wasmtime.Linker(engine)
             linker.define_wasi()
             # wasmtime rejects proc_exit statuses >= 126 with an error that loses the code (PHP
-            # exits 255 on fatal errors); our own proc_exit keeps every status.
+            # exits 255 on fatal errors); our own proc_exit keeps every status. Like a POSIX
+            # parent, we see its low 8 bits: exit(-1) is 255.
             linker.allow_shadowing = True
 
             def proc_exit(code: int) -> None:
-                raise _ProcExit(code & 0xFFFFFFFF)
+                raise _ProcExit(code & 0xFF)
 
             linker.define_func("wasi_snapshot_preview1", "proc_exit",
                                wasmtime.FuncType([wasmtime.ValType.i32()], []), proc_exit)
