@@ -6,8 +6,10 @@ message without a traceback.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import shlex
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,14 +18,16 @@ from typing import Any
 from invoke import task
 from invoke.exceptions import Exit
 
+from wasmforge.compare import run_native, run_wasm, side_by_side
 from wasmforge.config import Config
+from wasmforge.conformance import DEFAULT_DIRS, render_report, run_conformance
 from wasmforge.errors import WasmforgeError
 from wasmforge.pipeline import build_target, output_dir, read_manifest
 from wasmforge.recipe import RecipeBook
 from wasmforge.runtime import Runner
 from wasmforge.smoke import run_smoke_tests
 from wasmforge.sources import fetch_sources
-from wasmforge.toolchain import find_toolchain, install_toolchain
+from wasmforge.toolchain import ensure_host_packages, find_toolchain, host_toolchain, install_toolchain
 
 
 def log(message: str) -> None:
@@ -111,18 +115,24 @@ def fetch(ctx, target, mirror=None):
 
 @task(iterable=["mirror"], help={
     "flavor": "build a flavor of the package (see `invoke list`)",
+    "native": "build for this machine with its own compiler (the reference for comparisons)",
     "jobs": "parallel compile jobs (default: the number of cores)",
     "force": "rebuild the target even if its output is up to date",
     "no-test": "skip the smoke tests",
     "mirror": "a directory or base URL to look in for sources first (repeatable)",
 })
 @cli
-def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=None):
+def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=None, native=False):
     """Build a package and its dependencies, precompile its modules and run its smoke tests."""
     config = _config(jobs=jobs, mirror=mirror)
     book = RecipeBook.load(config.recipes_dir)
     t = book.parse_target(target, flavor)
-    tc = find_toolchain(config)
+    if native:
+        t = dataclasses.replace(t, native=True)
+        ensure_host_packages(book[t.name].native.get("packages", []), log=log)
+        tc = host_toolchain()
+    else:
+        tc = find_toolchain(config)
     log(f"toolchain: {tc.kind} ({tc.clang_version}; {tc.libc})")
     results = build_target(book, t, config, tc, log=log, force=force, run_tests=not no_test)
     final = results[-1]
@@ -130,7 +140,8 @@ def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=N
     print(f"{final.target}: {'up to date' if final.reused else 'built'} in {final.output}")
     for name, rel in manifest.get("programs", {}).items():
         size = manifest["outputs"][rel]["size"]
-        print(f"  {rel}  ({size / 1024:.0f} KiB)  run: invoke run {final.target} --program {name} -- ARGS")
+        hint = "" if native else f"  run: invoke run {final.target} --program {name} -- ARGS"
+        print(f"  {rel}  ({size / 1024:.0f} KiB){hint}")
 
 
 def _built(config: Config, book: RecipeBook, target: str, flavor: str | None = None):
@@ -194,3 +205,40 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=0.0, memory=0, no
     if result.timed_out or result.trap:
         print(f"{name}: {result.describe()}", file=sys.stderr)
     raise Exit(code=result.status)
+
+
+@task(help={"program": "which program of the package (default: its first output)",
+            "width": "total width of the two columns (default: the terminal's)"})
+@cli
+def compare(ctx, target, script, program=None, width=0):
+    """Run a script natively and in wasm, side by side: invoke compare php-7.4.33 examples/php/docroot/index.php."""
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    package, out, manifest = _built(config, book, target)
+    name = program or next(iter(manifest.get("programs", {})), None)
+    native_dir = output_dir(config, book.package(dataclasses.replace(book.parse_target(target), native=True)))
+    path = Path(script).resolve()
+    if not path.is_file():
+        raise WasmforgeError(f"no script at {path}")
+    left = run_native(native_dir / "bin" / name, ["-f", str(path)])
+    right = run_wasm(out / manifest["programs"][name], ["-f", str(path)], dirs=[(str(path.parent), path.parent)])
+    print(side_by_side(left, right, width or shutil.get_terminal_size((160, 40)).columns))
+
+
+@task(help={"jobs": "parallel test workers (default: the number of cores)",
+                         "output": "where to write the report (default: docs/conformance.md)"})
+@cli
+def conformance(ctx, target, jobs=0, output="docs/conformance.md"):
+    """Run PHP's run-tests.php on the wasm and native builds: invoke conformance php-7.4.33 [-- DIRS...]."""
+    config = _config(jobs=jobs)
+    book = RecipeBook.load(config.recipes_dir)
+    package, out, manifest = _built(config, book, target)
+    native = output_dir(config, book.package(dataclasses.replace(book.parse_target(target), native=True)))
+    dirs = _remainder(ctx) or list(DEFAULT_DIRS)
+    results = run_conformance(package, config, wasm=out / manifest["programs"]["php"], native=native / "bin" / "php",
+                              dirs=dirs, jobs=config.jobs, log=log)
+    command = "invoke conformance " + target + (" -- " + " ".join(_remainder(ctx)) if _remainder(ctx) else "")
+    report = Path(output)
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(render_report(package, results, command))
+    print(f"wrote {report}")

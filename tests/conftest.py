@@ -29,6 +29,12 @@ def toolchain() -> Toolchain:
         pytest.fail(f"these tests need a WASI toolchain: {exc}")
 
 
+@pytest.fixture(scope="session")
+def integration_config(tmp_path_factory) -> Config:
+    """One output directory for every real build of the session: each package is built once."""
+    return Config.from_env(output_dir=tmp_path_factory.mktemp("build-output"))
+
+
 def make_tarball(path: Path, files: dict[str, str | bytes], top: str | None = None) -> Path:
     """A .tar.gz with `files` (name -> content) under an optional top directory."""
     path.parent.mkdir(parents=True, exist_ok=True)

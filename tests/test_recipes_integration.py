@@ -9,7 +9,6 @@ import subprocess
 import pytest
 from conftest import ROOT
 
-from wasmforge.config import Config
 from wasmforge.pipeline import build_target, read_manifest
 from wasmforge.recipe import RecipeBook
 from wasmforge.runtime import Runner
@@ -19,10 +18,9 @@ TARGETS = ("zlib-1.3.1", "sqlite-3.46.1", "lua-5.4.7")
 
 
 @pytest.fixture(scope="session")
-def built(toolchain, tmp_path_factory):
+def built(toolchain, integration_config):
     """Build the three recipes once; the source cache is the user's, outputs are temporary."""
-    out = tmp_path_factory.mktemp("build-output")
-    config = Config.from_env(output_dir=out)
+    config = integration_config
     book = RecipeBook.load(config.recipes_dir)
     results = {}
     for target in TARGETS:

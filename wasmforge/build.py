@@ -22,7 +22,7 @@ from typing import Any
 from .config import Config
 from .errors import BuildError
 from .recipe import Package
-from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, Toolchain
+from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, HostToolchain, Toolchain
 
 Log = Callable[[str], None]
 # Passed to the clang driver at link time: clang would otherwise run any wasm-opt found on PATH.
@@ -52,7 +52,7 @@ class BuildContext:
 
     package: Package
     config: Config
-    toolchain: Toolchain
+    toolchain: Toolchain | HostToolchain
     work: Path
     prefix: Path
     deps: Mapping[str, Path]
@@ -87,7 +87,8 @@ class BuildContext:
         base = self._base_context()
         pkg = self.package
         cflags = list(pkg.render(("cflags",), build.get("cflags", []), base))
-        ldflags = list(LINK_FLAGS) + list(pkg.render(("ldflags",), build.get("ldflags", []), base))
+        link_flags = [] if pkg.native else list(LINK_FLAGS)
+        ldflags = link_flags + list(pkg.render(("ldflags",), build.get("ldflags", []), base))
         libs = list(pkg.render(("libs",), build.get("libs", []), base))
         if self.package.exceptions:
             if not self.toolchain.has_setjmp:
@@ -114,7 +115,7 @@ class BuildContext:
             "staged_prefix": str(self.staged_prefix),
             "src": str(self.src),
             "jobs": self.config.jobs,
-            "host": TARGET,
+            "host": self.toolchain.target,
             "sysroot": str(self.toolchain.sysroot),
             "deps": {name: str(p) for name, p in self.deps.items()},
         }
@@ -127,6 +128,9 @@ class BuildContext:
         flags = self.flags
         pkgconfig = [str(p / "lib" / "pkgconfig") for p in self.deps.values()]
         env.update(self.toolchain.env())
+        if self.package.native:
+            # The build machine's own libraries and pkg-config files are what a native build uses.
+            pkgconfig = []
         env.update({
             "LANG": "C",
             "LC_ALL": "C",
@@ -136,15 +140,16 @@ class BuildContext:
             "CXXFLAGS": " ".join(flags["cflags"]),
             "LDFLAGS": " ".join(flags["ldflags"]),
             "LIBS": " ".join(flags["libs"]),
-            # Only our wasm prefixes: a host .pc file must never be found.
-            "PKG_CONFIG_LIBDIR": os.pathsep.join(pkgconfig) or str(self.work / "no-pkgconfig"),
             "PKG_CONFIG_PATH": "",
-            "CONFIG_SITE": str(self.config.toolchain_dir / "config.site"),
             "PREFIX": str(self.prefix),
             "DESTDIR": str(self.destdir),
             "JOBS": str(self.config.jobs),
             "SOURCE_DATE_EPOCH": "0",
         })
+        if not self.package.native:
+            # Only our wasm prefixes: a host .pc file must never be found.
+            env["PKG_CONFIG_LIBDIR"] = os.pathsep.join(pkgconfig) or str(self.work / "no-pkgconfig")
+            env["CONFIG_SITE"] = str(self.config.toolchain_dir / "config.site")
         for key, value in self.render(("env",), dict(self.package.build.get("env", {}))).items():
             env[key] = str(value)
         return env
@@ -161,8 +166,8 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     write_env_script(ctx, env)
     steps: list[Step] = []
     if system == "autotools":
-        configure = [str(ctx.src / "configure"), f"--host={TARGET}", f"--build={_build_triple()}",
-                     f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
+        cross = [] if ctx.package.native else [f"--host={TARGET}", f"--build={_build_triple()}"]
+        configure = [str(ctx.src / "configure"), *cross, f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
         steps += [Step("configure", tuple(configure), bdir, env, ("build", "configure")),
                   Step("make", ("make", f"-j{jobs}", *make_args), bdir, env, ("build", "make"))]
         if install_args:

@@ -25,13 +25,13 @@ from . import __version__
 from .build import BuildContext, StepTiming, plan_steps, refresh_config_sub, run_steps
 from .config import Config
 from .errors import BuildError, SmokeTestError
-from .optimize import precompile
+from .optimize import audit_imports, precompile
 from .patches import Patch, apply_series, patch_series
 from .recipe import Package, RecipeBook, Target
 from .runtime import Runner
 from .smoke import TestOutcome, run_smoke_tests
 from .sources import FetchedSource, extract_archive, fetch_sources
-from .toolchain import Toolchain
+from .toolchain import HostToolchain, Toolchain
 
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
@@ -59,7 +59,7 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def build_inputs(package: Package, toolchain: Toolchain, patches: list[Patch], dep_keys: dict[str, str]) -> dict[str, Any]:
+def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches: list[Patch], dep_keys: dict[str, str]) -> dict[str, Any]:
     """Everything that can change a build's output; the build key is their digest."""
     return {
         "wasmforge_build_logic": BUILD_LOGIC_VERSION,
@@ -78,7 +78,7 @@ def build_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
-def build_target(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain, *,
+def build_target(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain | HostToolchain, *,
                  log: Log = print, force: bool = False, run_tests: bool = True) -> list[BuildResult]:
     """Build `target` after its dependencies; returns one result per package, target last."""
     results: list[BuildResult] = []
@@ -86,7 +86,7 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
     prefixes: dict[str, Path] = {}
     for t in book.build_order(target):
         package = book.package(t)
-        deps = {d.name: d for d in book.dependency_targets(package.recipe)}
+        deps = {d.name: d for d in book.dependency_targets(package.recipe, t.native)}
         result = build_package(package, config, toolchain,
                                dep_keys={n: keys[n] for n in deps}, dep_prefixes={n: prefixes[n] for n in deps},
                                log=log, force=force and t == target, run_tests=run_tests)
@@ -113,7 +113,7 @@ def build_lock(config: Config, package: Package, log: Log) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_package(package: Package, config: Config, toolchain: Toolchain, *, dep_keys: dict[str, str],
+def build_package(package: Package, config: Config, toolchain: Toolchain | HostToolchain, *, dep_keys: dict[str, str],
                   dep_prefixes: dict[str, Path], log: Log = print, force: bool = False,
                   run_tests: bool = True) -> BuildResult:
     patches = patch_series(config.patches_dir, package.name, package.patch_series,
@@ -145,17 +145,19 @@ def build_package(package: Package, config: Config, toolchain: Toolchain, *, dep
             timings += _prepare(ctx, fetched, log)
         t0 = time.perf_counter()
         apply_series(ctx.src, patches, ctx.logs / "00-patch.log")
-        if package.build["system"] == "autotools":
+        if package.build["system"] == "autotools" and not package.native:
             refresh_config_sub(ctx.src, log)
         timings.append(StepTiming("patch", time.perf_counter() - t0))
 
         steps = plan_steps(ctx)
         timings += run_steps(ctx, steps, log=log, first_index=len(timings))
         outputs = _collect_outputs(ctx)
-        t0 = time.perf_counter()
-        for wasm in outputs:
-            precompile(wasm)
-        timings.append(StepTiming("precompile", time.perf_counter() - t0))
+        if not package.native:
+            t0 = time.perf_counter()
+            for wasm in outputs:
+                audit_imports(wasm)
+                precompile(wasm)
+            timings.append(StepTiming("precompile", time.perf_counter() - t0))
 
         tests: list[TestOutcome] = []
         if run_tests and package.tests:
@@ -200,6 +202,12 @@ def _collect_outputs(ctx: BuildContext) -> list[Path]:
             raise BuildError(f"output {name!r} was not produced: no file at {source}",
                              where=ctx.package.recipe.where(("outputs", name)),
                              hint="check the build logs in " + str(ctx.logs))
+        if ctx.package.native:
+            dest = bin_dir / name
+            if source.resolve() != dest.resolve():
+                shutil.copy2(source, dest)
+            found.append(dest)
+            continue
         if source.read_bytes()[:4] != b"\0asm":
             raise BuildError(f"output {name!r} ({source}) is not a WebAssembly module",
                              where=ctx.package.recipe.where(("outputs", name)))
@@ -235,7 +243,8 @@ def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched
             "source_used": {"file": fetched.path.name, "sha256": fetched.spec.sha256, "origin": fetched.origin},
             "flags": ctx.flags,
         },
-        "programs": {name: f"bin/{name}.wasm" for name, _ in ctx.package.outputs},
+        "programs": {name: f"bin/{name}" + ("" if ctx.package.native else ".wasm") for name, _ in ctx.package.outputs},
+        "native": ctx.package.native,
         "outputs": files,
         "tests": [t.as_dict() for t in tests],
         "steps": [{"name": t.name, "seconds": round(t.seconds, 2)} for t in timings],

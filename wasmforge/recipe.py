@@ -114,6 +114,8 @@ class Package:
     build: Mapping[str, Any]
     outputs: tuple[tuple[str, str], ...]
     tests: tuple[SmokeTest, ...]
+    # Built for the build machine with its own compiler: the reference for comparisons.
+    native: bool = False
 
     @property
     def name(self) -> str:
@@ -121,11 +123,11 @@ class Package:
 
     @property
     def target(self) -> str:
-        return f"{self.name}-{self.version}" + (f"-{self.flavor}" if self.flavor else "")
+        return f"{self.name}-{self.output_key}"
 
     @property
     def output_key(self) -> str:
-        return self.version + (f"-{self.flavor}" if self.flavor else "")
+        return self.version + (f"-{self.flavor}" if self.flavor else "") + ("-native" if self.native else "")
 
     @property
     def exceptions(self) -> bool:
@@ -156,6 +158,7 @@ class Recipe:
     outputs: Mapping[str, str]
     flavors: Mapping[str, Mapping[str, Any]]
     tests: tuple[Mapping[str, Any], ...]
+    native: Mapping[str, Any]
     doc: SpannedDoc = field(repr=False, compare=False)
 
     @property
@@ -197,7 +200,7 @@ class Recipe:
             return {k: self.render_value(v, context, path + (k,)) for k, v in value.items()}
         return value
 
-    def resolve(self, version: str | None = None, flavor: str | None = None) -> Package:
+    def resolve(self, version: str | None = None, flavor: str | None = None, native: bool = False) -> Package:
         version = version or self.default_version
         if version not in self.versions:
             known = ", ".join(self.versions)
@@ -220,13 +223,19 @@ class Recipe:
         build = dict(self.build)
         if flavor:
             build = merge_build(build, self.flavors[flavor].get("build", {}))
+        depends = self.depends
+        if native:
+            # A native build takes the keys its `native` section gives instead of the WASI ones,
+            # and links the build machine's libraries (found by pkg-config), not our wasm builds.
+            build = {**build, "exceptions": False, **self.native.get("build", {})}
+            depends = ()
 
         outputs = tuple((k, self.render_value(v, ctx, ("outputs", k))) for k, v in self.outputs.items())
         tests = tuple(self._smoke_test(i, t, ctx) for i, t in enumerate(self.tests)
                       if _test_applies(t, flavor))
         return Package(recipe=self, version=version, flavor=flavor, sources=tuple(sources),
-                       patch_series=vspec.get("patches"), depends=self.depends, build=build,
-                       outputs=outputs, tests=tests)
+                       patch_series=vspec.get("patches"), depends=depends, build=build,
+                       outputs=outputs, tests=() if native else tests, native=native)
 
     def _smoke_test(self, index: int, raw: Mapping[str, Any], ctx: Mapping[str, Any]) -> SmokeTest:
         path: KeyPath = ("tests", index)
@@ -452,6 +461,9 @@ _recipe_check = _record(
         "outputs": _map_of(_is_str),
         "flavors": _map_of(_record({"summary": _is_str, "build": _flavor_build_check})),
         "tests": _list_of(_test_check),
+        # How to build for the build machine (--native): build keys that replace the WASI ones,
+        # and the build machine's packages that provide the dependencies.
+        "native": _record({"build": _flavor_build_check, "packages": _list_of(_is_str)}),
     },
     required=("name", "summary", "license", "versions", "source", "build"),
 )
@@ -495,6 +507,7 @@ def load_recipe(file: Path) -> Recipe:
         outputs=outputs,
         flavors=data.get("flavors", {}),
         tests=tuple(data.get("tests", [])),
+        native=data.get("native", {}),
         doc=doc,
     )
 
@@ -506,9 +519,11 @@ class Target:
     name: str
     version: str
     flavor: str | None
+    native: bool = False
 
     def __str__(self) -> str:
-        return f"{self.name}-{self.version}" + (f"-{self.flavor}" if self.flavor else "")
+        return f"{self.name}-{self.version}" + (f"-{self.flavor}" if self.flavor else "") + \
+            ("-native" if self.native else "")
 
 
 class RecipeBook:
@@ -556,17 +571,17 @@ class RecipeBook:
                           hint=f"known versions: {', '.join(recipe.versions)}")
 
     def package(self, target: Target) -> Package:
-        return self[target.name].resolve(target.version, target.flavor)
+        return self[target.name].resolve(target.version, target.flavor, target.native)
 
-    def dependency_targets(self, recipe: Recipe) -> list[Target]:
-        return [self.parse_target(dep) for dep in recipe.depends]
+    def dependency_targets(self, recipe: Recipe, native: bool = False) -> list[Target]:
+        return [] if native else [self.parse_target(dep) for dep in recipe.depends]
 
     def build_order(self, target: Target) -> list[Target]:
         """The target's dependencies, depth first, then the target itself."""
         order: list[Target] = []
 
         def visit(t: Target) -> None:
-            for dep in self.dependency_targets(self.recipes[t.name]):
+            for dep in self.dependency_targets(self.recipes[t.name], t.native):
                 if dep not in order:
                     visit(dep)
             if t not in order:

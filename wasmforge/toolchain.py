@@ -302,3 +302,62 @@ def _deb_installed(package: str) -> bool:
 def _deb_version(package: str) -> str:
     result = subprocess.run(["dpkg-query", "-W", "-f=${Version}", package], capture_output=True, text=True)
     return result.stdout.strip() or "unknown"
+
+
+# ----------------------------------------------------------------------------- the build machine
+
+@dataclass(frozen=True)
+class HostToolchain:
+    """The build machine's own C compiler, for native reference builds (--native)."""
+
+    cc: str
+    clang_version: str
+    target: str
+    kind: str = "host"
+    libc: str = "the build machine's libc"
+    has_setjmp: bool = True
+    reason: str = "native build: the build machine's compiler"
+
+    @property
+    def sysroot(self) -> Path:
+        return Path("/")
+
+    def tool(self, name: str) -> str:
+        return {"clang": self.cc, "clang++": "c++", "wasm-ld": "ld", "ar": "ar", "ranlib": "ranlib",
+                "nm": "nm", "strip": "strip"}[name]
+
+    def env(self) -> dict[str, str]:
+        return {"CC": self.cc, "CXX": "c++", "CPP": f"{self.cc} -E", "LD": "ld", "AR": "ar",
+                "RANLIB": "ranlib", "NM": "nm", "STRIP": "strip"}
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": self.kind, "cc": self.clang_version, "target": self.target}
+
+    def describe(self) -> str:
+        return f"toolchain:  host\ncc:         {self.clang_version}\ntarget:     {self.target}"
+
+
+def ensure_host_packages(packages: list[str] | tuple[str, ...], *, log: Log = print) -> None:
+    """Install the Debian packages a native build needs (as root), or say how to."""
+    missing = [p for p in packages if not _deb_installed(p)]
+    if not missing:
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise ToolchainError(f"the native build needs these packages: {' '.join(missing)}",
+                             hint=f"install them: sudo apt-get install -y {' '.join(missing)}")
+    log(f"installing {' '.join(missing)} for the native build")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    result = subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        raise ToolchainError("apt-get install failed", details="\n".join(result.stderr.splitlines()[-8:]),
+                             hint=f"run: apt-get update && apt-get install -y {' '.join(missing)}")
+
+
+def host_toolchain() -> HostToolchain:
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise ToolchainError("native builds need a C compiler on the build machine",
+                             hint="install one: apt-get install build-essential")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout.splitlines()[0].strip()
+    triple = subprocess.run([cc, "-dumpmachine"], capture_output=True, text=True).stdout.strip()
+    return HostToolchain(cc=cc, clang_version=version, target=triple)

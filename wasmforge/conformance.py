@@ -1,0 +1,168 @@
+"""Run PHP's own test suite (run-tests.php) against the wasm build, with the native build beside it.
+
+The native reference PHP drives run-tests.php. The tested executable is a small wrapper that runs
+php.wasm in wasmtime with the source tree preopened at its own path (run-tests writes each test's
+script next to its .phpt) plus /tmp, and passes on run-tests' environment, stdin and exit status.
+The same directories are run with the native PHP as the tested executable, so the report shows
+what the wasm build loses against a native build of the same version.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from .config import Config
+from .errors import WasmforgeError
+from .recipe import Package
+from .sources import extract_archive, fetch_sources
+
+Log = Callable[[str], None]
+DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "ext/pcre/tests",
+                "ext/mbstring/tests", "ext/date/tests", "ext/spl/tests", "ext/sqlite3/tests",
+                "ext/pdo_sqlite/tests")
+_RESULT = re.compile(r"^(PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK)\s.*\[(?P<file>[^\]]+\.phpt)\]\s*$")
+
+WRAPPER = '''#!{python}
+# Written by wasmforge: run {wasm} in wasmtime as if it were a native php binary.
+import os, sys
+sys.path.insert(0, {root!r})
+from pathlib import Path
+from wasmforge.runtime import Runner
+dirs = [({tree!r}, Path({tree!r})), ("/tmp", Path("/tmp"))]
+result = Runner().run(Path({wasm!r}), ["php", *sys.argv[1:]], env=dict(os.environ), dirs=dirs,
+                      timeout={timeout}, capture=False)
+if result.trap or result.timed_out:
+    sys.stderr.write("wasmforge: php.wasm " + result.describe() + "\\n")
+sys.exit(result.status)
+'''
+
+
+@dataclass
+class Counts:
+    passed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    other: int = 0
+    failures: list[str] | None = None
+
+    @property
+    def run(self) -> int:
+        return self.passed + self.failed
+
+
+def prepare_tree(package: Package, config: Config, log: Log) -> Path:
+    """A pristine source tree for the tests (the sources are verified like any build's)."""
+    tree = config.outputs / ".conformance" / package.target / "src"
+    if (tree / "run-tests.php").exists():
+        return tree
+    fetched = fetch_sources(package.sources, config, log=log)
+    if tree.parent.exists():
+        shutil.rmtree(tree.parent)
+    extract_archive(fetched.path, tree)
+    return tree
+
+
+def write_wrapper(tree: Path, wasm: Path, config: Config, timeout: float = 300) -> Path:
+    path = tree.parent / "php-wasm"
+    path.write_text(WRAPPER.format(python=sys.executable, root=str(config.root), tree=str(tree),
+                                   wasm=str(wasm), timeout=timeout))
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+def run_directory(driver: Path, tested: Path, tree: Path, directory: str, jobs: int, log_file: Path) -> Counts:
+    env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+    env.update({"TEST_PHP_EXECUTABLE": str(tested), "NO_INTERACTION": "1", "SKIP_IO_CAPTURE_TESTS": "1",
+                "SKIP_SLOW_TESTS": "1", "SKIP_ONLINE_TESTS": "1", "REPORT_EXIT_STATUS": "0"})
+    cmd = [str(driver), "-n", "run-tests.php", "-q", "--offline", f"-j{jobs}", "-p", str(tested), directory]
+    with log_file.open("w") as out:
+        subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    counts = Counts(failures=[])
+    for line in log_file.read_text(errors="replace").splitlines():
+        m = _RESULT.match(line.strip())
+        if not m:
+            continue
+        kind = line.split()[0]
+        if kind == "PASS":
+            counts.passed += 1
+        elif kind in ("FAIL", "BORK", "LEAK"):
+            counts.failed += 1
+            counts.failures.append(m.group("file"))
+        elif kind == "SKIP":
+            counts.skipped += 1
+        else:
+            counts.other += 1
+    return counts
+
+
+def run_conformance(package: Package, config: Config, *, wasm: Path, native: Path, dirs: list[str], jobs: int,
+                    log: Log = print) -> dict[str, tuple[Counts, Counts]]:
+    if not wasm.is_file():
+        raise WasmforgeError(f"no wasm build at {wasm}", hint=f"invoke build {package.target}")
+    if not native.is_file():
+        raise WasmforgeError(f"no native build at {native}", hint=f"invoke build {package.target} --native")
+    tree = prepare_tree(package, config, log)
+    wrapper = write_wrapper(tree, wasm, config)
+    logs = tree.parent / "logs"
+    logs.mkdir(exist_ok=True)
+    results: dict[str, tuple[Counts, Counts]] = {}
+    for directory in dirs:
+        if not (tree / directory).is_dir():
+            raise WasmforgeError(f"no test directory {directory} in {tree}")
+        slug = directory.replace("/", "_")
+        start = time.perf_counter()
+        wasm_counts = run_directory(native, wrapper, tree, directory, jobs, logs / f"{slug}.wasm.log")
+        native_counts = run_directory(native, native, tree, directory, jobs, logs / f"{slug}.native.log")
+        log(f"{directory}: wasm {wasm_counts.passed} passed / {wasm_counts.failed} failed / "
+            f"{wasm_counts.skipped} skipped; native {native_counts.passed} / {native_counts.failed} / "
+            f"{native_counts.skipped} ({time.perf_counter() - start:.0f} s)")
+        results[directory] = (wasm_counts, native_counts)
+    return results
+
+
+def wasm_rate(wasm: Counts, native: Counts) -> float | None:
+    """Share of the tests that pass natively which also pass in wasm."""
+    if not native.passed:
+        return None
+    native_failures = set(native.failures or [])
+    wasm_failures = set(wasm.failures or [])
+    lost = len(wasm_failures - native_failures)
+    return max(0.0, (native.passed - lost) / native.passed)
+
+
+def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], command: str,
+                  causes: str = "") -> str:
+    lines = [
+        f"# PHP's own tests against the wasm build ({package.target})",
+        "",
+        f"Run on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}`: PHP's `run-tests.php`",
+        "driven by the native reference build; the tested executable is php.wasm in wasmtime with the source",
+        "tree and /tmp preopened; the same directories run again with the native build as the tested",
+        "executable. Slow, online and I/O-capture tests are skipped (SKIP_SLOW_TESTS, --offline).",
+        "",
+        "| directory | wasm pass | wasm fail | wasm skip | native pass | native fail | native skip | native passes kept in wasm |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for directory, (w, n) in results.items():
+        rate = wasm_rate(w, n)
+        lines.append(f"| `{directory}` | {w.passed} | {w.failed} | {w.skipped} | {n.passed} | {n.failed} | "
+                     f"{n.skipped} | {'-' if rate is None else f'{rate:.1%}'} |")
+    if causes:
+        lines += ["", causes.rstrip()]
+    lines += ["", "Tests that pass natively but fail in wasm, per directory:", ""]
+    for directory, (w, n) in results.items():
+        lost = sorted(set(w.failures or []) - set(n.failures or []))
+        lines.append(f"<details><summary><code>{directory}</code>: {len(lost)}</summary>\n")
+        lines += [f"- `{f}`" for f in lost] or ["- none"]
+        lines.append("\n</details>\n")
+    return "\n".join(lines) + "\n"
