@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from wasmforge.config import Config
@@ -157,3 +159,23 @@ def test_the_real_recipes_load_and_render():
                 assert pkg.sources[0].sha256 == recipe.versions[version]["sha256"]
     sqlite = book.package(book.parse_target("sqlite-3.46.1"))
     assert sqlite.sources[0].url.endswith("/sqlite-autoconf-3460100.tar.gz")
+
+
+def test_flavor_replace_and_native_section(project):
+    text = GOOD.replace("""flavors:
+  small:
+    build: {cflags: [-Os]}""", """flavors:
+  small:
+    build: {cflags: [-Os]}
+  bare:
+    replace: [cflags]
+    build: {cflags: [-O0]}
+native:
+  packages: [zlib1g-dev]
+  build: {cflags: [-O3], libs: []}""")
+    project.recipe("tiny", text)
+    book = RecipeBook.load(project.config.recipes_dir)
+    assert book.package(book.parse_target("tiny-1.0-bare")).build["cflags"] == ["-O0"]
+    native = book.package(dataclasses.replace(book.parse_target("tiny-1.0"), native=True))
+    assert native.native and native.build["cflags"] == ["-O3"] and native.depends == ()
+    assert native.tests == () and native.output_key == "1.0-native"

@@ -42,7 +42,11 @@ def precompile(wasm: Path) -> Path:
     key = {
         "aot": aot_key(exceptions),
         "wasm_sha256": hashlib.sha256(wasm.read_bytes()).hexdigest(),
+        "wasm_size": wasm.stat().st_size,
+        "wasm_mtime_ns": wasm.stat().st_mtime_ns,
         "cwasm_sha256": hashlib.sha256(data).hexdigest(),
+        "cwasm_size": cwasm.stat().st_size,
+        "cwasm_mtime_ns": cwasm.stat().st_mtime_ns,
     }
     key_file = cwasm.with_name(cwasm.name + ".json")
     key_file.write_text(json.dumps(key, indent=2) + "\n")

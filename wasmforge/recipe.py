@@ -222,7 +222,8 @@ class Recipe:
 
         build = dict(self.build)
         if flavor:
-            build = merge_build(build, self.flavors[flavor].get("build", {}))
+            spec = self.flavors[flavor]
+            build = merge_build(build, spec.get("build", {}), replace=tuple(spec.get("replace", ())))
         depends = self.depends
         if native:
             # A native build takes the keys its `native` section gives instead of the WASI ones,
@@ -280,11 +281,13 @@ def _expect(raw: Any) -> Expect | None:
     return Expect(kind, str(text))
 
 
-def merge_build(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """A flavor's build section extends lists and maps and replaces scalars."""
+def merge_build(base: Mapping[str, Any], extra: Mapping[str, Any], replace: tuple[str, ...] = ()) -> dict[str, Any]:
+    """A flavor's build section extends lists and maps and replaces scalars (and the keys in `replace`)."""
     merged = dict(base)
     for key, value in extra.items():
-        if isinstance(value, list) and isinstance(merged.get(key), list):
+        if key in replace:
+            merged[key] = value
+        elif isinstance(value, list) and isinstance(merged.get(key), list):
             merged[key] = merged[key] + value
         elif isinstance(value, dict) and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
@@ -459,7 +462,8 @@ _recipe_check = _record(
         "depends": _list_of(_is_str),
         "build": _build_check,
         "outputs": _map_of(_is_str),
-        "flavors": _map_of(_record({"summary": _is_str, "build": _flavor_build_check})),
+        "flavors": _map_of(_record({"summary": _is_str, "build": _flavor_build_check,
+                                    "replace": _list_of(_one_of(tuple(_build_fields)))})),
         "tests": _list_of(_test_check),
         # How to build for the build machine (--native): build keys that replace the WASI ones,
         # and the build machine's packages that provide the dependencies.

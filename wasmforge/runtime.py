@@ -160,10 +160,16 @@ class Runner:
         except (OSError, ValueError):
             return None
         # The key must match this wasmtime, engine and CPU, and the precompiled file must belong to
-        # this very .wasm; wasmtime would refuse a mismatch anyway, but we never hand it one.
-        if key.get("aot") != aot_key(exceptions) or key.get("wasm_sha256") != _sha256(wasm) \
-                or key.get("cwasm_sha256") != _sha256(cwasm):
+        # this very .wasm; wasmtime would refuse a mismatch anyway, but we never hand it one. Size
+        # and modification time are checked at every start; the sha256 only when they moved.
+        if key.get("aot") != aot_key(exceptions):
             return None
+        for path, prefix in ((wasm, "wasm"), (cwasm, "cwasm")):
+            st = path.stat()
+            if st.st_size != key.get(f"{prefix}_size"):
+                return None
+            if st.st_mtime_ns != key.get(f"{prefix}_mtime_ns") and _sha256(path) != key.get(f"{prefix}_sha256"):
+                return None
         try:
             return wasmtime.Module.deserialize_file(engine, str(cwasm))
         except wasmtime.WasmtimeError:
