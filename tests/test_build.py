@@ -279,3 +279,16 @@ def test_cli_errors_have_no_traceback():
     assert result.returncode == 1
     assert "error: unknown package in 'no-such-package-1.0'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_failing_dependency_stops_the_build_before_the_dependant_starts(project, toolchain):
+    dep_sha = _source(project, "base", "1.0", {"hello.c": "int main(void) { return broken_symbol; }\n",
+                                               "Makefile": MAKEFILE})
+    project.recipe("base", _recipe("base", dep_sha, HELLO_RECIPE))
+    app_sha = _source(project, "hello", "1.0", {"hello.c": HELLO_C, "Makefile": MAKEFILE})
+    project.recipe("hello", _recipe("hello", app_sha, "    depends: [base]\n" + HELLO_RECIPE))
+    with pytest.raises(BuildError) as info:
+        _build(project, toolchain, "hello-1.0")
+    assert "make step of base-1.0 failed" in info.value.what
+    assert "broken_symbol" in info.value.details
+    assert not (project.config.outputs / ".work" / "hello-1.0").exists()

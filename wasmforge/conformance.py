@@ -30,7 +30,8 @@ Log = Callable[[str], None]
 DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "ext/pcre/tests",
                 "ext/mbstring/tests", "ext/date/tests", "ext/spl/tests", "ext/sqlite3/tests",
                 "ext/pdo_sqlite/tests")
-_RESULT = re.compile(r"^(PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK)\s.*\[(?P<file>[^\]]+\.phpt)\]\s*$")
+# run-tests prints progress and results on the same line when its output is not a terminal.
+_RESULT = re.compile(r"\b(?P<kind>PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK) .*?\[(?P<file>[^\]\[]+\.phpt)\]")
 
 WRAPPER = '''#!{python}
 # Written by wasmforge: run {wasm} in wasmtime as if it were a native php binary.
@@ -39,10 +40,10 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 from wasmforge.runtime import Runner
 dirs = [({tree!r}, Path({tree!r})), ("/tmp", Path("/tmp"))]
-result = Runner().run(Path({wasm!r}), ["php", *sys.argv[1:]], env=dict(os.environ), dirs=dirs,
+result = Runner().run(Path({wasm!r}), [{name!r}, *sys.argv[1:]], env=dict(os.environ), dirs=dirs,
                       timeout={timeout}, capture=False)
 if result.trap or result.timed_out:
-    sys.stderr.write("wasmforge: php.wasm " + result.describe() + "\\n")
+    sys.stderr.write("wasmforge: {name}.wasm " + result.describe() + "\\n")
 sys.exit(result.status)
 '''
 
@@ -73,26 +74,25 @@ def prepare_tree(package: Package, config: Config, log: Log) -> Path:
 
 
 def write_wrapper(tree: Path, wasm: Path, config: Config, timeout: float = 300) -> Path:
-    path = tree.parent / "php-wasm"
+    name = wasm.name.removesuffix(".wasm")
+    path = tree.parent / f"{name}-wasm"
     path.write_text(WRAPPER.format(python=sys.executable, root=str(config.root), tree=str(tree),
-                                   wasm=str(wasm), timeout=timeout))
+                                   wasm=str(wasm), timeout=timeout, name=name))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
 
-def run_directory(driver: Path, tested: Path, tree: Path, directory: str, jobs: int, log_file: Path) -> Counts:
+def run_directory(driver: Path, tested: Path, cgi: Path, tree: Path, directory: str, jobs: int,
+                  log_file: Path) -> Counts:
     env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-    env.update({"TEST_PHP_EXECUTABLE": str(tested), "NO_INTERACTION": "1", "SKIP_IO_CAPTURE_TESTS": "1",
+    env.update({"TEST_PHP_EXECUTABLE": str(tested), "TEST_PHP_CGI_EXECUTABLE": str(cgi), "NO_INTERACTION": "1", "SKIP_IO_CAPTURE_TESTS": "1",
                 "SKIP_SLOW_TESTS": "1", "SKIP_ONLINE_TESTS": "1", "REPORT_EXIT_STATUS": "0"})
     cmd = [str(driver), "-n", "run-tests.php", "-q", "--offline", f"-j{jobs}", "-p", str(tested), directory]
     with log_file.open("w") as out:
         subprocess.run(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     counts = Counts(failures=[])
-    for line in log_file.read_text(errors="replace").splitlines():
-        m = _RESULT.match(line.strip())
-        if not m:
-            continue
-        kind = line.split()[0]
+    for m in _RESULT.finditer(log_file.read_text(errors="replace")):
+        kind = m.group("kind")
         if kind == "PASS":
             counts.passed += 1
         elif kind in ("FAIL", "BORK", "LEAK"):
@@ -113,6 +113,8 @@ def run_conformance(package: Package, config: Config, *, wasm: Path, native: Pat
         raise WasmforgeError(f"no native build at {native}", hint=f"invoke build {package.target} --native")
     tree = prepare_tree(package, config, log)
     wrapper = write_wrapper(tree, wasm, config)
+    cgi_wrapper = write_wrapper(tree, wasm.with_name("php-cgi.wasm"), config)
+    native_cgi = native.with_name("php-cgi")
     logs = tree.parent / "logs"
     logs.mkdir(exist_ok=True)
     results: dict[str, tuple[Counts, Counts]] = {}
@@ -121,8 +123,10 @@ def run_conformance(package: Package, config: Config, *, wasm: Path, native: Pat
             raise WasmforgeError(f"no test directory {directory} in {tree}")
         slug = directory.replace("/", "_")
         start = time.perf_counter()
-        wasm_counts = run_directory(native, wrapper, tree, directory, jobs, logs / f"{slug}.wasm.log")
-        native_counts = run_directory(native, native, tree, directory, jobs, logs / f"{slug}.native.log")
+        # Native first: the wasm run's .diff/.out files then stay in the tree for inspection.
+        native_counts = run_directory(native, native, native_cgi, tree, directory, jobs,
+                                      logs / f"{slug}.native.log")
+        wasm_counts = run_directory(native, wrapper, cgi_wrapper, tree, directory, jobs, logs / f"{slug}.wasm.log")
         log(f"{directory}: wasm {wasm_counts.passed} passed / {wasm_counts.failed} failed / "
             f"{wasm_counts.skipped} skipped; native {native_counts.passed} / {native_counts.failed} / "
             f"{native_counts.skipped} ({time.perf_counter() - start:.0f} s)")
@@ -147,8 +151,10 @@ def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], c
         "",
         f"Run on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}`: PHP's `run-tests.php`",
         "driven by the native reference build; the tested executable is php.wasm in wasmtime with the source",
-        "tree and /tmp preopened; the same directories run again with the native build as the tested",
-        "executable. Slow, online and I/O-capture tests are skipped (SKIP_SLOW_TESTS, --offline).",
+        "tree and /tmp preopened (php-cgi.wasm likewise for CGI tests); the same directories run again with",
+        "the native build as the tested executable. Slow, online and I/O-capture tests are skipped",
+        "(SKIP_SLOW_TESTS, --offline). Percentages: of the tests that pass natively, the share that also",
+        "passes in wasm.",
         "",
         "| directory | wasm pass | wasm fail | wasm skip | native pass | native fail | native skip | native passes kept in wasm |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
