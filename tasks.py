@@ -75,10 +75,12 @@ def list_(ctx):
     for recipe in book.recipes.values():
         for version in recipe.versions:
             built = []
-            for flavor in [None, *recipe.flavors]:
-                manifest = read_manifest(output_dir(config, recipe.resolve(version, flavor)))
+            variants = [(f, False) for f in [None, *recipe.flavors]] + ([(None, True)] if recipe.native else [])
+            for flavor, native in variants:
+                manifest = read_manifest(output_dir(config, recipe.resolve(version, flavor, native)))
                 if manifest:
-                    built.append(f"{flavor or 'default'} ({manifest['built_at'][:10]})")
+                    label = "native" if native else flavor or "default"
+                    built.append(f"{label} ({manifest['built_at'][:10]})")
             rows.append((recipe.name, version, ", ".join(recipe.flavors) or "-",
                          ", ".join(recipe.depends) or "-", "; ".join(built) or "no"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -240,5 +242,6 @@ def conformance(ctx, target, jobs=0, output="docs/conformance.md"):
     command = "invoke conformance " + target + (" -- " + " ".join(_remainder(ctx)) if _remainder(ctx) else "")
     report = Path(output)
     report.parent.mkdir(parents=True, exist_ok=True)
-    report.write_text(render_report(package, results, command))
+    tree = config.outputs / ".conformance" / package.target / "src"
+    report.write_text(render_report(package, results, command, tree))
     print(f"wrote {report}")

@@ -24,3 +24,4 @@ def test_long_lines_are_cut_to_the_column():
     left = Side("native", "x" * 200, 0)
     rows = side_by_side(left, Side("wasm", "y", 0), width=61).splitlines()
     assert len(rows[2].split(" | ")[0]) == 29 and rows[2].split(" | ")[0].endswith("…")
+

@@ -40,7 +40,9 @@ sys.path.insert(0, {root!r})
 from pathlib import Path
 from wasmforge.runtime import Runner
 dirs = [({tree!r}, Path({tree!r})), ("/tmp", Path("/tmp"))]
-result = Runner().run(Path({wasm!r}), [{name!r}, *sys.argv[1:]], env=dict(os.environ), dirs=dirs,
+# php.wasm starts in $PWD (patches/php/7.4/0012): the directory run-tests runs it from.
+env = dict(os.environ, PWD=os.getcwd())
+result = Runner().run(Path({wasm!r}), [{name!r}, *sys.argv[1:]], env=env, dirs=dirs,
                       timeout={timeout}, capture=False)
 if result.trap or result.timed_out:
     sys.stderr.write("wasmforge: {name}.wasm " + result.describe() + "\\n")
@@ -134,6 +136,39 @@ def run_conformance(package: Package, config: Config, *, wasm: Path, native: Pat
     return results
 
 
+# First match wins: (cause, pattern in the wasm run's actual output of a failed test).
+CAUSES = (
+    ("trap in wasm (e.g. indirect call signature mismatch)", re.compile(r"wasm trap|trapped:")),
+    ("killed by the runner's timeout", re.compile(r"killed by the timeout")),
+    ("processes (exec, shell_exec, proc_open, popen, mail)",
+     re.compile(r"Unable to (execute|fork)|proc_open|shell_exec|popen|sendmail|Cannot execute", re.I)),
+    ("sockets and name resolution",
+     re.compile(r"getaddrinfo|php_network_getaddresses|socket|fsockopen|Name or service|gethostby", re.I)),
+    ("function not implemented (ENOSYS)", re.compile(r"Function not implemented|not supported", re.I)),
+    ("file permissions, owners, links", re.compile(r"chmod|chown|chgrp|fileperms|Permission denied|symlink|link\(",
+                                                   re.I)),
+    ("paths outside the preopened directories (relative paths, /, cwd)",
+     re.compile(r"No such file or directory|failed to open|getcwd|Capabilities insufficient", re.I)),
+)
+
+
+def failure_cause(output: str) -> str:
+    for cause, pattern in CAUSES:
+        if pattern.search(output):
+            return cause
+    return "other (output differs)"
+
+
+def classify_failures(tree: Path, tests: list[str]) -> dict[str, list[str]]:
+    """Group failed tests by the likely cause, read from each test's .out file."""
+    groups: dict[str, list[str]] = {}
+    for test in tests:
+        out = tree / test.replace(".phpt", ".out")
+        text = out.read_text(errors="replace") if out.exists() else ""
+        groups.setdefault(failure_cause(text), []).append(test)
+    return groups
+
+
 def wasm_rate(wasm: Counts, native: Counts) -> float | None:
     """Share of the tests that pass natively which also pass in wasm."""
     if not native.passed:
@@ -145,14 +180,15 @@ def wasm_rate(wasm: Counts, native: Counts) -> float | None:
 
 
 def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], command: str,
-                  causes: str = "") -> str:
+                  tree: Path | None = None) -> str:
     lines = [
         f"# PHP's own tests against the wasm build ({package.target})",
         "",
         f"Run on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}`: PHP's `run-tests.php`",
         "driven by the native reference build; the tested executable is php.wasm in wasmtime with the source",
-        "tree and /tmp preopened (php-cgi.wasm likewise for CGI tests); the same directories run again with",
-        "the native build as the tested executable. Slow, online and I/O-capture tests are skipped",
+        "tree and /tmp preopened and `PWD` set to run-tests' directory (php-cgi.wasm likewise for CGI",
+        "tests); the same directories run again with the native build as the tested executable. Slow,",
+        "online and I/O-capture tests are skipped",
         "(SKIP_SLOW_TESTS, --offline). Percentages: of the tests that pass natively, the share that also",
         "passes in wasm.",
         "",
@@ -163,8 +199,14 @@ def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], c
         rate = wasm_rate(w, n)
         lines.append(f"| `{directory}` | {w.passed} | {w.failed} | {w.skipped} | {n.passed} | {n.failed} | "
                      f"{n.skipped} | {'-' if rate is None else f'{rate:.1%}'} |")
-    if causes:
-        lines += ["", causes.rstrip()]
+    lost_all = sorted({f for w, n in results.values() for f in set(w.failures or []) - set(n.failures or [])})
+    if tree is not None and lost_all:
+        lines += ["", "## Why tests that pass natively fail in wasm", "",
+                  "Classified from each failed test's actual output (first matching cause):", "",
+                  "| cause | tests |", "|---|---:|"]
+        groups = classify_failures(tree, lost_all)
+        for cause, tests in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            lines.append(f"| {cause} | {len(tests)} |")
     lines += ["", "Tests that pass natively but fail in wasm, per directory:", ""]
     for directory, (w, n) in results.items():
         lost = sorted(set(w.failures or []) - set(n.failures or []))

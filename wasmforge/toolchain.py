@@ -235,20 +235,7 @@ def install_sdk(config: Config, *, spec: SourceSpec | None = None, log: Log = pr
 def install_debian(config: Config, *, log: Log = print) -> Toolchain:
     pins = load_pins(config)["debian"]
     llvm = pins["llvm"]
-    missing = [p for p in pins["packages"] if not _deb_installed(p)]
-    if missing:
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            raise ToolchainError(f"missing Debian packages: {' '.join(missing)}",
-                                 hint=f"install them as root: apt-get install -y {' '.join(missing)}")
-        log(f"installing {' '.join(missing)} with apt-get")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        result = subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
-            result = subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            raise ToolchainError("apt-get install failed", details="\n".join(result.stderr.splitlines()[-8:]),
-                                 hint=f"run: apt-get update && apt-get install -y {' '.join(missing)}")
+    ensure_host_packages(pins["packages"], why="the WASI toolchain", log=log)
     libc_pin = pins["wasi_libc"]
     archive = DebianArchive(config.cache_dir / "apt")
     deb = archive.binary_file(libc_pin["package"], libc_pin["suite"])
@@ -337,17 +324,23 @@ class HostToolchain:
         return f"toolchain:  host\ncc:         {self.clang_version}\ntarget:     {self.target}"
 
 
-def ensure_host_packages(packages: list[str] | tuple[str, ...], *, log: Log = print) -> None:
-    """Install the Debian packages a native build needs (as root), or say how to."""
+def ensure_host_packages(packages: list[str] | tuple[str, ...], *, why: str = "the native build",
+                         log: Log = print) -> None:
+    """Install the Debian packages that `why` needs (as root), or say how to."""
     missing = [p for p in packages if not _deb_installed(p)]
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        raise ToolchainError(f"the native build needs these packages: {' '.join(missing)}",
+        raise ToolchainError(f"{why} needs these Debian packages: {' '.join(missing)}",
                              hint=f"install them: sudo apt-get install -y {' '.join(missing)}")
-    log(f"installing {' '.join(missing)} for the native build")
+    log(f"installing {' '.join(missing)} for {why} with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    result = subprocess.run(["apt-get", "install", "-y", "-q", *missing], capture_output=True, text=True, env=env)
+    command = ["apt-get", "install", "-y", "-q", *missing]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        # A machine that never ran `apt-get update` has no package lists yet.
+        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise ToolchainError("apt-get install failed", details="\n".join(result.stderr.splitlines()[-8:]),
                              hint=f"run: apt-get update && apt-get install -y {' '.join(missing)}")

@@ -1,0 +1,32 @@
+"""Parsing and classifying PHP run-tests results (the runs themselves are measured, not tested here)."""
+
+from __future__ import annotations
+
+from wasmforge.conformance import _RESULT, Counts, failure_cause, wasm_rate
+
+LOG = (
+    "PASS Trivial [tests/basic/001.phpt] \n"
+    "TEST 2/81 [2/2 concurrent test workers running]     FAIL Bug #1 [tests/basic/bug1.phpt] \n"
+    "TEST 3/81 [2/2 concurrent test workers running]     SKIP POST [tests/basic/002.phpt] reason: CGI not available\n"
+)
+
+
+def test_results_are_read_even_behind_progress_text():
+    found = [(m.group("kind"), m.group("file")) for m in _RESULT.finditer(LOG)]
+    assert found == [("PASS", "tests/basic/001.phpt"), ("FAIL", "tests/basic/bug1.phpt"),
+                     ("SKIP", "tests/basic/002.phpt")]
+
+
+def test_rate_counts_only_tests_that_pass_natively():
+    native = Counts(passed=10, failed=1, failures=["a.phpt"])
+    wasm = Counts(passed=8, failed=3, failures=["a.phpt", "b.phpt", "c.phpt"])
+    assert wasm_rate(wasm, native) == 0.8
+    assert wasm_rate(wasm, Counts()) is None
+
+
+def test_failure_causes_are_classified():
+    assert failure_cause("wasmforge: php.wasm trapped: wasm trap: indirect call type mismatch").startswith("trap")
+    assert failure_cause("Warning: shell_exec(): Unable to execute 'ls'").startswith("processes")
+    assert failure_cause("php_network_getaddresses: getaddrinfo failed").startswith("sockets")
+    assert failure_cause("open(./x, O_RDWR) failed: No such file or directory").startswith("paths")
+    assert failure_cause("int(1)\nint(2)") == "other (output differs)"
