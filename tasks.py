@@ -20,7 +20,7 @@ from invoke.exceptions import Exit
 
 from wasmforge.compare import run_native, run_wasm, side_by_side
 from wasmforge.config import Config
-from wasmforge.conformance import DEFAULT_DIRS, render_report, run_conformance
+from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance
 from wasmforge.errors import WasmforgeError
 from wasmforge.pipeline import build_target, output_dir, read_manifest
 from wasmforge.recipe import RecipeBook
@@ -228,17 +228,21 @@ def compare(ctx, target, script, program=None, width=0):
 
 
 @task(help={"jobs": "parallel test workers (default: the number of cores)",
-                         "output": "where to write the report (default: docs/conformance.md)"})
+            "output": "where to write the report (default: docs/conformance.md)",
+            "from-logs": "rewrite the report from the last run's logs instead of running the tests"})
 @cli
-def conformance(ctx, target, jobs=0, output="docs/conformance.md"):
+def conformance(ctx, target, jobs=0, output="docs/conformance.md", from_logs=False):
     """Run PHP's run-tests.php on the wasm and native builds: invoke conformance php-7.4.33 [-- DIRS...]."""
     config = _config(jobs=jobs)
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
     native = output_dir(config, book.package(dataclasses.replace(book.parse_target(target), native=True)))
     dirs = _remainder(ctx) or list(DEFAULT_DIRS)
-    results = run_conformance(package, config, wasm=out / manifest["programs"]["php"], native=native / "bin" / "php",
-                              dirs=dirs, jobs=config.jobs, log=log)
+    if from_logs:
+        results = results_from_logs(package, config, dirs)
+    else:
+        results = run_conformance(package, config, wasm=out / manifest["programs"]["php"],
+                                  native=native / "bin" / "php", dirs=dirs, jobs=config.jobs, log=log)
     command = "invoke conformance " + target + (" -- " + " ".join(_remainder(ctx)) if _remainder(ctx) else "")
     report = Path(output)
     report.parent.mkdir(parents=True, exist_ok=True)
