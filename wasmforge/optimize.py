@@ -13,28 +13,33 @@ from .errors import BuildError
 from .runtime import aot_key, make_engine, precompiled_path, uses_exceptions
 
 
-def imports(wasm: Path) -> list[tuple[str, str]]:
-    module = wasmtime.Module.from_file(make_engine(uses_exceptions(wasm)), str(wasm))
+def compile_module(wasm: Path) -> wasmtime.Module:
+    """Compile `wasm` once with the engine the runner will use; audit and precompile take the result."""
+    try:
+        return wasmtime.Module.from_file(make_engine(uses_exceptions(wasm)), str(wasm))
+    except wasmtime.WasmtimeError as exc:
+        raise BuildError(f"wasmtime cannot compile {wasm.name}", details=str(exc)) from None
+
+
+def imports(wasm: Path, module: wasmtime.Module | None = None) -> list[tuple[str, str]]:
+    module = module or compile_module(wasm)
     return [(imp.module, imp.name or "") for imp in module.imports]
 
 
-def audit_imports(wasm: Path, allowed_modules: tuple[str, ...] = ("wasi_snapshot_preview1",)) -> None:
+def audit_imports(wasm: Path, allowed_modules: tuple[str, ...] = ("wasi_snapshot_preview1",),
+                  module: wasmtime.Module | None = None) -> None:
     """Fail when a module imports anything a plain WASI runtime does not provide."""
-    foreign = [f"{m}.{n}" for m, n in imports(wasm) if m not in allowed_modules]
+    foreign = [f"{m}.{n}" for m, n in imports(wasm, module) if m not in allowed_modules]
     if foreign:
         raise BuildError(f"{wasm.name} imports functions that plain WASI does not provide",
                          details="\n".join(f"  {f}" for f in foreign[:20]),
                          hint="these are usually undefined symbols: add a stub, a library, or compile the feature out")
 
 
-def precompile(wasm: Path) -> Path:
+def precompile(wasm: Path, module: wasmtime.Module | None = None) -> Path:
     """Write `<name>.cwasm` (wasmtime's serialized code) and its key file next to `wasm`."""
     exceptions = uses_exceptions(wasm)
-    engine = make_engine(exceptions)
-    try:
-        data = wasmtime.Module.from_file(engine, str(wasm)).serialize()
-    except wasmtime.WasmtimeError as exc:
-        raise BuildError(f"wasmtime cannot compile {wasm.name}", details=str(exc)) from None
+    data = (module or compile_module(wasm)).serialize()
     cwasm = precompiled_path(wasm)
     tmp = cwasm.with_name(cwasm.name + ".tmp")
     tmp.write_bytes(data)

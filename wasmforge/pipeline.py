@@ -25,7 +25,7 @@ from . import __version__
 from .build import BuildContext, StepTiming, plan_steps, refresh_config_sub, run_steps
 from .config import Config
 from .errors import BuildError, SmokeTestError
-from .optimize import audit_imports, precompile
+from .optimize import audit_imports, compile_module, precompile
 from .patches import Patch, apply_series, patch_series
 from .recipe import Package, RecipeBook, Target
 from .runtime import Runner
@@ -155,8 +155,9 @@ def build_package(package: Package, config: Config, toolchain: Toolchain | HostT
         if not package.native:
             t0 = time.perf_counter()
             for wasm in outputs:
-                audit_imports(wasm)
-                precompile(wasm)
+                module = compile_module(wasm)  # once: compiling PHP takes seconds
+                audit_imports(wasm, module=module)
+                precompile(wasm, module)
             timings.append(StepTiming("precompile", time.perf_counter() - t0))
 
         tests: list[TestOutcome] = []
