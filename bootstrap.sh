@@ -12,6 +12,7 @@ APT_PACKAGES=(
   make patch pkgconf cmake autoconf automake libtool   # build drivers, autoreconf of git-shaped sources
   autotools-dev                                        # a config.sub that knows wasm32-wasip1
   tcl xz-utils ca-certificates                         # SQLite's amalgamation generator, .tar.xz, TLS
+  ccache                                               # compile results shared between builds
   libxml2-dev libsqlite3-dev libonig-dev zlib1g-dev    # native reference PHP (invoke build php-<v> --native)
   python3-venv
 )

@@ -23,6 +23,7 @@ from wasmforge.config import Config
 from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance
 from wasmforge.errors import WasmforgeError
 from wasmforge.pipeline import build_target, output_dir, read_manifest
+from wasmforge.pipeline import explain as explain_build
 from wasmforge.recipe import RecipeBook
 from wasmforge.runtime import Runner
 from wasmforge.smoke import run_smoke_tests
@@ -122,11 +123,17 @@ def fetch(ctx, target, mirror=None):
     "force": "rebuild the target even if its output is up to date",
     "no-test": "skip the smoke tests",
     "mirror": "a directory or base URL to look in for sources first (repeatable)",
+    "no-ccache": "do not compile through ccache (used by default when it is installed)",
+    "explain": "build nothing: say for each package whether it is stored (a hit) and, if not, "
+               "which inputs differ from the nearest stored build",
 })
 @cli
-def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=None, native=False):
+def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=None, native=False, explain=False,
+          no_ccache=False):
     """Build a package and its dependencies, precompile its modules and run its smoke tests."""
     config = _config(jobs=jobs, mirror=mirror)
+    if no_ccache:
+        config = dataclasses.replace(config, use_ccache=False)
     book = RecipeBook.load(config.recipes_dir)
     t = book.parse_target(target, flavor)
     if native:
@@ -135,6 +142,9 @@ def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=N
         tc = host_toolchain()
     else:
         tc = find_toolchain(config)
+    if explain:
+        print("\n".join(explain_build(book, t, config, tc)))
+        return
     log(f"toolchain: {tc.kind} ({tc.clang_version}; {tc.libc})")
     results = build_target(book, t, config, tc, log=log, force=force, run_tests=not no_test)
     final = results[-1]

@@ -31,8 +31,10 @@ def toolchain() -> Toolchain:
 
 @pytest.fixture(scope="session")
 def integration_config(tmp_path_factory) -> Config:
-    """One output directory for every real build of the session: each package is built once."""
-    return Config.from_env(output_dir=tmp_path_factory.mktemp("build-output"))
+    """One output directory and store for every real build of the session: each package is built
+    once, for real (the user's artifact store would turn the builds into cache hits)."""
+    return Config.from_env(output_dir=tmp_path_factory.mktemp("build-output"),
+                           store_dir=tmp_path_factory.mktemp("artifacts"))
 
 
 def make_tarball(path: Path, files: dict[str, str | bytes], top: str | None = None) -> Path:

@@ -147,7 +147,8 @@ def test_autotools_dependency_seen_through_pkg_config(project, toolchain, tmp_pa
     greet_out, app_out = results[0].output, results[1].output
     assert (greet_out / "lib" / "libgreet.a").exists() and (greet_out / "include" / "greet.h").exists()
     pc = (greet_out / "lib" / "pkgconfig" / "greet.pc").read_text()
-    assert f"prefix={greet_out}" in pc  # installed with DESTDIR, valid at its final place
+    # Installed with DESTDIR for its store entry (build-output/greet/1.0 links there).
+    assert f"prefix={results[0].prefix}\n" in pc and greet_out.resolve() == results[0].prefix
     manifest = read_manifest(app_out)
     assert manifest["inputs"]["dependencies"] == {"greet": results[0].key}
     assert all(t["passed"] for t in manifest["tests"])

@@ -27,7 +27,7 @@ from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, HostToolchain, Toolchain
 Log = Callable[[str], None]
 # Passed to the clang driver at link time: clang would otherwise run any wasm-opt found on PATH.
 LINK_FLAGS = ("--no-wasm-opt",)
-HOST_ENV_KEPT = ("PATH", "HOME", "TMPDIR", "TERM", "CCACHE_DIR", "CCACHE_REMOTE_STORAGE")
+HOST_ENV_KEPT = ("PATH", "HOME", "TMPDIR", "TERM")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,17 @@ class BuildContext:
     def staged_prefix(self) -> Path:
         """Where `make install DESTDIR=...` puts the files meant for `prefix`."""
         return self.destdir / self.prefix.relative_to(self.prefix.anchor)
+
+    @property
+    def ccache_stats(self) -> Path:
+        return self.work / "ccache-stats.log"
+
+    @cached_property
+    def ccache(self) -> str | None:
+        """The ccache to compile through, if it is installed and wanted (wasm builds only)."""
+        if self.package.native or not self.config.use_ccache:
+            return None
+        return shutil.which("ccache")
 
     @property
     def build_dir(self) -> Path:
@@ -125,6 +136,14 @@ class BuildContext:
 
     def environment(self) -> dict[str, str]:
         env = {k: os.environ[k] for k in HOST_ENV_KEPT if k in os.environ}
+        if self.ccache:
+            # The user's ccache settings (CCACHE_DIR, CCACHE_REMOTE_STORAGE for a shared http or
+            # redis cache, ...) pass through; the stats log counts this build's hits.
+            env.update({k: v for k, v in os.environ.items() if k.startswith("CCACHE_")})
+            env["WASMFORGE_CCACHE"] = self.ccache
+            env["CCACHE_STATSLOG"] = str(self.ccache_stats)
+            # Paths under the work directory hash relative: other checkouts share the results.
+            env.setdefault("CCACHE_BASEDIR", str(self.work))
         flags = self.flags
         pkgconfig = [str(p / "lib" / "pkgconfig") for p in self.deps.values()]
         env.update(self.toolchain.env())
@@ -297,3 +316,32 @@ def run_steps(ctx: BuildContext, steps: list[Step], *, log: Log = print, first_i
 def tail(path: Path, lines: int = 25) -> str:
     text = path.read_text(errors="replace").rstrip().splitlines()
     return "\n".join("    " + line for line in text[-lines:])
+
+
+@dataclass(frozen=True)
+class CcacheStats:
+    hits: int
+    misses: int
+    uncacheable: int
+
+    def describe(self) -> str:
+        cacheable = self.hits + self.misses
+        if not cacheable:
+            return f"ccache: no cacheable compilations ({self.uncacheable} other calls)"
+        return f"ccache: {self.hits} of {cacheable} compilations from the cache ({100 * self.hits / cacheable:.1f}%)"
+
+
+def read_ccache_stats(path: Path) -> CcacheStats | None:
+    """Count one build's results in ccache's stats log (one `# file` record per call)."""
+    if not path.exists():
+        return None
+    hits = misses = other = 0
+    for record in path.read_text(errors="replace").split("# ")[1:]:
+        counters = set(record.splitlines()[1:])
+        if counters & {"direct_cache_hit", "preprocessed_cache_hit"}:
+            hits += 1
+        elif "cache_miss" in counters:
+            misses += 1
+        else:
+            other += 1
+    return CcacheStats(hits, misses, other)

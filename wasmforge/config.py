@@ -30,10 +30,14 @@ class Config:
     mirrors: tuple[str, ...] = ()
     # Whether a miss at upstream may fall back to Debian's source archive.
     use_debian_archive: bool = True
+    # The artifact store (finished builds by key); default: <cache_dir>/artifacts.
+    store_dir: Path | None = None
+    # Compile through ccache when it is installed.
+    use_ccache: bool = True
 
     def __post_init__(self) -> None:
         # Accept strings for paths (e.g. from the command line or a script).
-        for name in ("root", "output_dir", "cache_dir"):
+        for name in ("root", "output_dir", "cache_dir", "store_dir"):
             value = getattr(self, name)
             if isinstance(value, str):
                 object.__setattr__(self, name, Path(value))
@@ -46,8 +50,12 @@ class Config:
         values: dict[str, object] = {"root": root, "mirrors": mirrors}
         if out := os.environ.get("WASMFORGE_OUTPUT"):
             values["output_dir"] = Path(out)
+        if store := os.environ.get("WASMFORGE_STORE"):
+            values["store_dir"] = Path(store)
         if os.environ.get("WASMFORGE_NO_DEBIAN_ARCHIVE"):
             values["use_debian_archive"] = False
+        if os.environ.get("WASMFORGE_NO_CCACHE"):
+            values["use_ccache"] = False
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 
@@ -66,6 +74,10 @@ class Config:
     @property
     def outputs(self) -> Path:
         return self.output_dir or (self.root / "build-output")
+
+    @property
+    def artifacts(self) -> Path:
+        return self.store_dir or (self.cache_dir / "artifacts")
 
     @property
     def source_cache(self) -> Path:

@@ -1,9 +1,11 @@
 """Build a target and its dependencies: sources -> patched tree -> build -> outputs -> AOT -> tests.
 
-Each package is built under a lock in a fresh work directory, installed into a staged prefix, tested
-there, and only then moved into `build-output/<pkg>/<version>[-<flavor>]/` with its manifest. A
-build that fails or is killed leaves no output directory that looks complete; the next build
-starts from scratch. A package whose output exists with the same build key is not rebuilt.
+A package's build key is the digest of everything that can change its output (`build_inputs`).
+Finished builds live in the artifact store under their key (see store.py), and
+`build-output/<pkg>/<version>[-<flavor>]` is a symlink to the entry: a build whose key is stored
+(and verifies) is a cache hit and compiles nothing. A miss is built under a lock in a fresh work
+directory, installed into a staged prefix, tested there, and only then moved into the store whole;
+a build that fails or is killed leaves no entry and no output that looks complete.
 """
 
 from __future__ import annotations
@@ -16,13 +18,21 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .build import BuildContext, StepTiming, plan_steps, refresh_config_sub, run_steps
+from .build import (
+    BuildContext,
+    CcacheStats,
+    StepTiming,
+    plan_steps,
+    read_ccache_stats,
+    refresh_config_sub,
+    run_steps,
+)
 from .config import Config
 from .errors import BuildError, SmokeTestError
 from .optimize import audit_imports, compile_module, precompile
@@ -31,6 +41,7 @@ from .recipe import Package, RecipeBook, Target
 from .runtime import Runner
 from .smoke import TestOutcome, run_smoke_tests
 from .sources import FetchedSource, extract_archive, fetch_sources
+from .store import ArtifactStore, differences, file_record
 from .toolchain import HostToolchain, Toolchain
 
 Log = Callable[[str], None]
@@ -42,10 +53,19 @@ BUILD_LOGIC_VERSION = "1"
 @dataclass(frozen=True)
 class BuildResult:
     target: str
-    output: Path
+    output: Path  # build-output/<pkg>/<version>: a symlink to `prefix`
+    prefix: Path  # the artifact store entry, the path the build was installed for
     key: str
     reused: bool
     seconds: float
+
+
+@dataclass(frozen=True)
+class PlannedBuild:
+    package: Package
+    patches: list[Patch]
+    inputs: dict[str, Any]
+    key: str
 
 
 def output_dir(config: Config, package: Package) -> Path:
@@ -60,16 +80,24 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
 
 
 def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches: list[Patch], dep_keys: dict[str, str]) -> dict[str, Any]:
-    """Everything that can change a build's output; the build key is their digest."""
+    """Everything that can change a build's output; the build key is their digest.
+
+    The recipe counts as rendered for this version and flavor (its build section and outputs), so
+    editing a comment or another version does not rebuild; sources count by content (sha256), not
+    by where they were fetched; jobs, ccache, mirrors and paths do not count. Smoke tests do not
+    change outputs either: `invoke test` runs edited ones against a stored build.
+    """
     return {
         "wasmforge_build_logic": BUILD_LOGIC_VERSION,
-        "recipe": {"file": package.recipe.file.name, "sha256": package.recipe.digest},
+        "package": package.name,
         "version": package.version,
         "flavor": package.flavor,
-        "sources": [{"url": s.url, "sha256": s.sha256} for s in package.sources],
+        "native": package.native,
+        "sources": [{"sha256": s.sha256, "prepare": list(s.prepare)} for s in package.sources],
         "patches": [{"name": p.name, "sha256": p.sha256} for p in patches],
         "toolchain": toolchain.identity(),
         "build": dict(package.build),
+        "outputs": dict(package.outputs),
         "dependencies": dep_keys,
     }
 
@@ -78,20 +106,54 @@ def build_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
 
 
+def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain | HostToolchain) -> list[PlannedBuild]:
+    """The packages `target` needs, dependencies first, each with its inputs and key (nothing is built)."""
+    planned: list[PlannedBuild] = []
+    keys: dict[str, str] = {}
+    for t in book.build_order(target):
+        package = book.package(t)
+        deps = book.dependency_targets(package.recipe, t.native)
+        patches = patch_series(config.patches_dir, package.name, package.patch_series,
+                               where=package.recipe.where(("versions", package.version, "patches")))
+        inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps})
+        keys[t.name] = build_key(inputs)
+        planned.append(PlannedBuild(package, patches, inputs, keys[t.name]))
+    return planned
+
+
+def explain(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain | HostToolchain) -> list[str]:
+    """For each package of a build: stored (a hit) or not, and on a miss what differs from the nearest stored build."""
+    store = ArtifactStore(config.artifacts)
+    lines = []
+    for item in plan(book, target, config, toolchain):
+        label = f"{item.package.target} [{item.key[:12]}]"
+        if store.entry(item.key).is_dir() and not store.problem(item.key):
+            lines.append(f"{label}: hit ({store.entry(item.key)})")
+            continue
+        if store.entry(item.key).is_dir():
+            lines.append(f"{label}: miss: the stored entry is damaged ({store.problem(item.key)}); it will be rebuilt")
+            continue
+        nearest = store.nearest(item.package.target, item.package.name, item.inputs)
+        if nearest is None:
+            lines.append(f"{label}: miss: no stored build of {item.package.name}")
+            continue
+        diffs = differences(nearest.get("inputs", {}), item.inputs)
+        lines.append(f"{label}: miss: differs from the stored build {str(nearest.get('key'))[:12]} "
+                     f"({nearest.get('target')}, built {nearest.get('built_at')}) in:")
+        lines += [f"    {d}" for d in diffs]
+    return lines
+
+
 def build_target(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain | HostToolchain, *,
                  log: Log = print, force: bool = False, run_tests: bool = True) -> list[BuildResult]:
     """Build `target` after its dependencies; returns one result per package, target last."""
     results: list[BuildResult] = []
-    keys: dict[str, str] = {}
     prefixes: dict[str, Path] = {}
-    for t in book.build_order(target):
-        package = book.package(t)
-        deps = {d.name: d for d in book.dependency_targets(package.recipe, t.native)}
-        result = build_package(package, config, toolchain,
-                               dep_keys={n: keys[n] for n in deps}, dep_prefixes={n: prefixes[n] for n in deps},
-                               log=log, force=force and t == target, run_tests=run_tests)
-        keys[t.name] = result.key
-        prefixes[t.name] = result.output
+    for item in plan(book, target, config, toolchain):
+        deps = book.dependency_targets(item.package.recipe, item.package.native)
+        result = build_package(item, config, toolchain, dep_prefixes={d.name: prefixes[d.name] for d in deps},
+                               log=log, force=force and item.package.target == str(target), run_tests=run_tests)
+        prefixes[item.package.name] = result.prefix
         results.append(result)
     return results
 
@@ -113,26 +175,25 @@ def build_lock(config: Config, package: Package, log: Log) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def build_package(package: Package, config: Config, toolchain: Toolchain | HostToolchain, *, dep_keys: dict[str, str],
+def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | HostToolchain, *,
                   dep_prefixes: dict[str, Path], log: Log = print, force: bool = False,
                   run_tests: bool = True) -> BuildResult:
-    patches = patch_series(config.patches_dir, package.name, package.patch_series,
-                           where=package.recipe.where(("versions", package.version, "patches")))
-    inputs = build_inputs(package, toolchain, patches, dep_keys)
-    key = build_key(inputs)
+    package, key = item.package, item.key
+    store = ArtifactStore(config.artifacts)
+    entry = store.entry(key)
     final = output_dir(config, package)
     start = time.perf_counter()
-    with build_lock(config, package, log):
-        manifest = read_manifest(final)
-        if not force and manifest and manifest.get("key") == key:
-            log(f"{package.target}: up to date ({final})")
-            return BuildResult(package.target, final, key, True, time.perf_counter() - start)
+    with build_lock(config, package, log), store.lock(key, log):
+        if not force and store.lookup(key, log) is not None:
+            link_output(final, entry)
+            log(f"{package.target}: up to date (stored build {key[:12]}, {final} -> {entry})")
+            return BuildResult(package.target, final, entry, key, True, time.perf_counter() - start)
         log(f"{package.target}: building")
         work = config.outputs / ".work" / package.target
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=final,
+        ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=entry,
                            deps=dep_prefixes)
         ctx.logs.mkdir()
         timings: list[StepTiming] = []
@@ -144,13 +205,16 @@ def build_package(package: Package, config: Config, toolchain: Toolchain | HostT
         if fetched.spec.prepare:
             timings += _prepare(ctx, fetched, log)
         t0 = time.perf_counter()
-        apply_series(ctx.src, patches, ctx.logs / "00-patch.log")
+        apply_series(ctx.src, item.patches, ctx.logs / "00-patch.log")
         if package.build["system"] == "autotools" and not package.native:
             refresh_config_sub(ctx.src, log)
         timings.append(StepTiming("patch", time.perf_counter() - t0))
 
         steps = plan_steps(ctx)
         timings += run_steps(ctx, steps, log=log, first_index=len(timings))
+        ccache = read_ccache_stats(ctx.ccache_stats)
+        if ccache:
+            log(f"  [{package.target}] {ccache.describe()}")
         outputs = _collect_outputs(ctx)
         if not package.native:
             t0 = time.perf_counter()
@@ -173,12 +237,13 @@ def build_package(package: Package, config: Config, toolchain: Toolchain | HostT
                     details="\n".join(f"{t.name}:\n  " + "\n  ".join(t.problems) for t in failed),
                     hint=f"the build's files are kept in {work} for inspection; nothing was installed")
         shutil.copytree(ctx.logs, ctx.staged_prefix / "logs")
-        _write_manifest(ctx, key, inputs, fetched, timings, tests)
-        _publish(ctx.staged_prefix, final)
+        _write_manifest(ctx, key, item.inputs, fetched, timings, tests, ccache)
+        store.put(key, ctx.staged_prefix)
+        link_output(final, entry)
         shutil.rmtree(work, ignore_errors=True)
     seconds = time.perf_counter() - start
     log(f"{package.target}: built in {seconds:.1f} s -> {final}")
-    return BuildResult(package.target, final, key, False, seconds)
+    return BuildResult(package.target, final, entry, key, False, seconds)
 
 
 def _prepare(ctx: BuildContext, fetched: FetchedSource, log: Log) -> list[StepTiming]:
@@ -222,14 +287,10 @@ def _collect_outputs(ctx: BuildContext) -> list[Path]:
     return found
 
 
-def _file_record(path: Path) -> dict[str, Any]:
-    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": path.stat().st_size}
-
-
 def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched: FetchedSource,
-                    timings: list[StepTiming], tests: list[TestOutcome]) -> None:
+                    timings: list[StepTiming], tests: list[TestOutcome], ccache: CcacheStats | None) -> None:
     root = ctx.staged_prefix
-    files = {str(p.relative_to(root)): _file_record(p) for p in sorted(root.rglob("*"))
+    files = {str(p.relative_to(root)): file_record(p) for p in sorted(root.rglob("*"))
              if p.is_file() and not p.is_symlink() and p.parts[len(root.parts)] != "logs"}
     manifest = {
         "name": ctx.package.name,
@@ -249,17 +310,21 @@ def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched
         "outputs": files,
         "tests": [t.as_dict() for t in tests],
         "steps": [{"name": t.name, "seconds": round(t.seconds, 2)} for t in timings],
+        "ccache": asdict(ccache) if ccache else None,
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
-def _publish(staged: Path, final: Path) -> None:
-    """Move the finished prefix into place; an old output is replaced only once the new one is whole."""
+def link_output(final: Path, entry: Path) -> None:
+    """Point build-output/<pkg>/<version> at a store entry; the switch is one atomic rename."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
+    if final.is_symlink() and Path(os.readlink(final)) == entry:
+        return
+    link = final.with_name(f".{final.name}.link-{os.getpid()}")
+    link.unlink(missing_ok=True)
+    link.symlink_to(entry, target_is_directory=True)
+    if final.is_dir() and not final.is_symlink():  # a directory left by an older wasmforge
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
         os.replace(final, old)
-    os.replace(staged, final)
-    if old.exists():
         shutil.rmtree(old, ignore_errors=True)
-
+    os.replace(link, final)

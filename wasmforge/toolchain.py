@@ -193,7 +193,11 @@ def _write_wrappers(config: Config, root: Path, sysroot: Path) -> Path:
     directory = config.cache_dir / "wrappers" / key
     directory.mkdir(parents=True, exist_ok=True)
     for name in ("clang", "clang++"):
-        script = (f'#!/bin/sh\nexec "{root}/bin/{name}" --target={TARGET} --sysroot="{sysroot}" "$@"\n')
+        # Builds set WASMFORGE_CCACHE to compile through ccache: the compiler's name (CC) stays
+        # the same with and without it, so nothing that records CC changes.
+        command = f'"{root}/bin/{name}" --target={TARGET} --sysroot="{sysroot}" "$@"'
+        script = (f'#!/bin/sh\nif [ -n "$WASMFORGE_CCACHE" ]; then exec "$WASMFORGE_CCACHE" {command}; fi\n'
+                  f'exec {command}\n')
         path = directory / f"{TARGET}-{name}"
         if not path.exists() or path.read_text() != script:
             tmp = path.with_suffix(".tmp")

@@ -1,0 +1,196 @@
+"""The artifact store: finished builds in the user cache, addressed by their build key.
+
+An entry is `<cache>/artifacts/<key[:2]>/<key>/`: the installed prefix of one build and its
+`manifest.json`, which lists every installed file with its sha256 and size. Builds install with the
+entry's path as their prefix, so what points into a prefix (pkg-config files, PHP's extension
+directory) stays right for every dependant, flavor and checkout that shares the entry.
+
+An entry is assembled under `.tmp/` and renamed into place, so an entry that exists is whole.
+Every use checks the files against the manifest: an entry that does not match (a truncated or
+edited file, a missing one, a broken manifest) is discarded and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+Log = Callable[[str], None]
+MANIFEST = "manifest.json"
+
+
+def file_record(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+
+
+class ArtifactStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def entry(self, key: str) -> Path:
+        return self.root / key[:2] / key
+
+    @contextmanager
+    def lock(self, key: str, log: Log) -> Iterator[None]:
+        """Held while a key is looked up and built: two builds that need it build it once."""
+        locks = self.root / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        with (locks / f"{key}.lock").open("w") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log(f"another build is producing {key[:12]}; waiting for it")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def problem(self, key: str) -> str | None:
+        """Why the entry for `key` cannot be used, or None when every file matches its manifest."""
+        entry = self.entry(key)
+        try:
+            manifest = json.loads((entry / MANIFEST).read_text())
+        except FileNotFoundError:
+            return "no manifest.json"
+        except (OSError, ValueError) as exc:
+            return f"manifest.json is unreadable ({exc})"
+        if not isinstance(manifest, dict) or manifest.get("key") != key:
+            return "manifest.json belongs to another build"
+        for rel, expected in manifest.get("outputs", {}).items():
+            path = entry / rel
+            if not path.is_file():
+                return f"{rel} is missing"
+            if path.stat().st_size != expected.get("size"):
+                return f"{rel} has {path.stat().st_size} bytes, the manifest says {expected.get('size')}"
+            if file_record(path)["sha256"] != expected.get("sha256"):
+                return f"{rel} does not match its sha256"
+        return None
+
+    def lookup(self, key: str, log: Log) -> dict[str, Any] | None:
+        """The manifest of a verified entry; a damaged entry is reported and discarded."""
+        entry = self.entry(key)
+        if not entry.exists():
+            return None
+        if problem := self.problem(key):
+            log(f"artifact store: discarding the damaged entry {entry}: {problem}")
+            self.discard(key)
+            return None
+        return json.loads((entry / MANIFEST).read_text())
+
+    def discard(self, key: str) -> None:
+        entry = self.entry(key)
+        trash = self._scratch(f"discard-{key}")
+        try:
+            os.replace(entry, trash)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def put(self, key: str, staged: Path) -> Path:
+        """Move a finished prefix (with its manifest) into the store, atomically."""
+        self._sweep()
+        entry = self.entry(key)
+        tmp = self._scratch(key)
+        try:
+            os.replace(staged, tmp)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            shutil.copytree(staged, tmp, symlinks=True)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        if entry.exists():  # a damaged entry: its replacement was built under the key's lock
+            self.discard(key)
+        os.replace(tmp, entry)
+        return entry
+
+    def manifests(self) -> Iterator[dict[str, Any]]:
+        """Every entry's manifest (unverified: for explanations, not for use)."""
+        for manifest in sorted(self.root.glob(f"??/*/{MANIFEST}")):
+            try:
+                data = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict):
+                yield data
+
+    def nearest(self, target: str, name: str, inputs: dict[str, Any]) -> dict[str, Any] | None:
+        """The stored build most like `inputs`: the same target first, then the same package."""
+        candidates = [m for m in self.manifests() if m.get("target") == target]
+        candidates = candidates or [m for m in self.manifests() if m.get("name") == name]
+        if not candidates:
+            return None
+        candidates.sort(key=lambda m: str(m.get("built_at", "")), reverse=True)  # newest wins a tie
+        return min(candidates, key=lambda m: len(differences(m.get("inputs", {}), inputs)))
+
+    def _scratch(self, label: str) -> Path:
+        tmp = self.root / ".tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        return tmp / f"{label}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+
+    def _sweep(self) -> None:
+        """Remove what builds that were killed left in .tmp/ (their process is gone)."""
+        for leftover in (self.root / ".tmp").glob("*.*.*"):
+            pid = leftover.name.rsplit(".", 2)[1]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# Inputs of a build that are recorded for information and are not part of its key.
+_NOT_KEYED = ("source_used", "flags")
+
+
+def _flatten(value: Any, path: str = "") -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{path}.{k}" if path else str(k)))
+        return out
+    if isinstance(value, list) and value and all(isinstance(v, dict) and "name" in v for v in value):
+        return _flatten({v["name"]: {k: x for k, x in v.items() if k != "name"} for v in value}, path)
+    return {path: value}
+
+
+def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What changed from a stored build's inputs to the wanted ones, one line per input."""
+    old = _flatten({k: v for k, v in stored.items() if k not in _NOT_KEYED})
+    new = _flatten({k: v for k, v in wanted.items() if k not in _NOT_KEYED})
+    lines = []
+    for path in sorted(old.keys() | new.keys()):
+        if path not in new:
+            lines.append(f"{path}: removed (was {_short(old[path])})")
+        elif path not in old:
+            lines.append(f"{path}: added ({_short(new[path])})")
+        elif old[path] != new[path]:
+            lines.append(f"{path}: {_short(old[path])} -> {_short(new[path])}")
+    return lines
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    if len(text) == 64 and all(c in "0123456789abcdef" for c in text):
+        return text[:12]
+    return text if len(text) <= 80 else text[:77] + "..."
