@@ -22,7 +22,7 @@ from wasmforge.compare import run_native, run_wasm, side_by_side
 from wasmforge.config import Config
 from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance
 from wasmforge.errors import WasmforgeError
-from wasmforge.pipeline import build_target, output_dir, read_manifest
+from wasmforge.pipeline import PackageOutcome, build_target, output_dir, read_manifest
 from wasmforge.pipeline import explain as explain_build
 from wasmforge.recipe import RecipeBook
 from wasmforge.runtime import Runner
@@ -146,7 +146,12 @@ def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=N
         print("\n".join(explain_build(book, t, config, tc)))
         return
     log(f"toolchain: {tc.kind} ({tc.clang_version}; {tc.libc})")
-    results = build_target(book, t, config, tc, log=log, force=force, run_tests=not no_test)
+    summary: list[PackageOutcome] = []
+    try:
+        results = build_target(book, t, config, tc, log=log, force=force, run_tests=not no_test, summary=summary)
+    finally:
+        if len(summary) > 1 or any(not o.result for o in summary):
+            log("summary:\n" + "\n".join(f"  {o.describe()}" for o in summary))
     final = results[-1]
     manifest = read_manifest(final.output) or {}
     print(f"{final.target}: {'up to date' if final.reused else 'built'} in {final.output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -293,3 +294,61 @@ def test_a_failing_dependency_stops_the_build_before_the_dependant_starts(projec
     assert "make step of base-1.0 failed" in info.value.what
     assert "broken_symbol" in info.value.details
     assert not (project.config.outputs / ".work" / "hello-1.0").exists()
+
+
+def _slow_recipe(project, name: str, *, depends: str = "", fails: bool = False) -> None:
+    body = "int main(void) { return broken_symbol; }\n" if fails else HELLO_C
+    sha = _source(project, name, "1.0", {"hello.c": body, "Makefile": MAKEFILE})
+    project.recipe(name, _recipe(name, sha, f"""\
+        {depends}
+        build:
+          system: script
+          script:
+            - sleep 2 && echo "MAKEFLAGS=$MAKEFLAGS" && make hello
+        outputs:
+          hello: hello
+        """))
+
+
+def test_independent_dependencies_build_at_the_same_time_within_the_jobs_budget(project, toolchain):
+    _slow_recipe(project, "left")
+    _slow_recipe(project, "right")
+    _slow_recipe(project, "top", depends="depends: [left, right]")
+    project.config = dataclasses.replace(project.config, jobs=2)
+    summary: list = []
+    book = RecipeBook.load(project.config.recipes_dir)
+    messages: list[str] = []
+    results = build_target(book, book.parse_target("top"), project.config, toolchain, log=messages.append,
+                           summary=summary)
+    assert [r.target for r in results] == ["left-1.0", "right-1.0", "top-1.0"]
+    # Both dependencies started before either finished; the dependant only after both.
+    started = [m for m in messages if m.endswith(": building")]
+    assert started[:2] == ["left-1.0: building", "right-1.0: building"] or \
+        started[:2] == ["right-1.0: building", "left-1.0: building"]
+    first_done = min(i for i, m in enumerate(messages) if ": built in" in m)
+    assert max(messages.index("left-1.0: building"), messages.index("right-1.0: building")) < first_done
+    assert messages.index("top-1.0: building") > max(i for i, m in enumerate(messages)
+                                                     if m.startswith(("left-1.0: built", "right-1.0: built")))
+    # One budget: every build's make gets the shared jobserver, and its own log.
+    for name in ("left", "right"):
+        log = (results[0 if name == "left" else 1].prefix / "logs" / "02-script-1.log").read_text()
+        assert "--jobserver-auth=" in log and "-j2" in log
+    assert [o.describe().split(" in ")[0] for o in summary] == ["left-1.0: built", "right-1.0: built", "top-1.0: built"]
+
+
+def test_a_failing_branch_does_not_stop_unrelated_ones(project, toolchain):
+    _slow_recipe(project, "bad", fails=True)
+    _slow_recipe(project, "good")
+    _slow_recipe(project, "top", depends="depends: [bad, good]")
+    project.config = dataclasses.replace(project.config, jobs=2)
+    summary: list = []
+    book = RecipeBook.load(project.config.recipes_dir)
+    with pytest.raises(BuildError) as info:
+        build_target(book, book.parse_target("top"), project.config, toolchain, log=lambda m: None, summary=summary)
+    assert "script-1 step of bad-1.0 failed" in info.value.what
+    lines = [o.describe() for o in summary]
+    assert lines[0].startswith("bad-1.0: FAILED: script-1 step of bad-1.0 failed")
+    assert lines[1].startswith("good-1.0: built in ")
+    assert lines[2] == "top-1.0: not built (bad-1.0 failed)"
+    assert (project.config.outputs / "good" / "1.0" / "bin" / "hello.wasm").exists()
+    assert not (project.config.outputs / "top" / "1.0").exists()

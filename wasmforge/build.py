@@ -46,6 +46,31 @@ class StepTiming:
     seconds: float
 
 
+class JobServer:
+    """GNU make's jobserver: one budget of `jobs` slots shared by the makes of all concurrent builds.
+
+    The pipe holds jobs - 1 tokens (every make has one slot of its own); builds get it through
+    MAKEFLAGS, and make and its sub-makes take a token for each further job.
+    """
+
+    def __init__(self, jobs: int) -> None:
+        self.jobs = jobs
+        self.read, self.write = os.pipe()
+        os.write(self.write, b"+" * (jobs - 1))
+
+    @property
+    def makeflags(self) -> str:
+        return f"-j{self.jobs} --jobserver-auth={self.read},{self.write}"
+
+    @property
+    def fds(self) -> tuple[int, int]:
+        return (self.read, self.write)
+
+    def close(self) -> None:
+        os.close(self.read)
+        os.close(self.write)
+
+
 @dataclass(frozen=True)
 class BuildContext:
     """Everything a build step needs; paths derived once, here."""
@@ -56,6 +81,7 @@ class BuildContext:
     work: Path
     prefix: Path
     deps: Mapping[str, Path]
+    jobserver: JobServer | None = None
 
     @property
     def src(self) -> Path:
@@ -165,6 +191,8 @@ class BuildContext:
             "JOBS": str(self.config.jobs),
             "SOURCE_DATE_EPOCH": "0",
         })
+        if self.jobserver:
+            env["MAKEFLAGS"] = self.jobserver.makeflags
         if not self.package.native:
             # Only our wasm prefixes: a host .pc file must never be found.
             env["PKG_CONFIG_LIBDIR"] = os.pathsep.join(pkgconfig) or str(self.work / "no-pkgconfig")
@@ -179,23 +207,27 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     system = build["system"]
     env = ctx.environment()
     jobs = str(ctx.config.jobs)
+    # With a jobserver, make takes its parallelism from MAKEFLAGS (a -j here would leave the budget).
+    make_jobs = () if ctx.jobserver else (f"-j{jobs}",)
     make_args = [str(a) for a in ctx.render(("make",), build.get("make", []))]
     install_args = [str(a) for a in ctx.render(("install",), build.get("install", ["install"]))]
     bdir = ctx.build_dir
     write_env_script(ctx, env)
+    # Installs run one job at a time: many projects' install rules race when run in parallel.
+    install_env = {k: v for k, v in env.items() if k != "MAKEFLAGS"}
     steps: list[Step] = []
     if system == "autotools":
         cross = [] if ctx.package.native else [f"--host={TARGET}", f"--build={_build_triple()}"]
         configure = [str(ctx.src / "configure"), *cross, f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
         steps += [Step("configure", tuple(configure), bdir, env, ("build", "configure")),
-                  Step("make", ("make", f"-j{jobs}", *make_args), bdir, env, ("build", "make"))]
+                  Step("make", ("make", *make_jobs, *make_args), bdir, env, ("build", "make"))]
         if install_args:
-            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, env,
+            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, install_env,
                               ("build", "install")))
     elif system == "make":
-        steps.append(Step("make", ("make", f"-j{jobs}", *make_args), bdir, env, ("build", "make")))
+        steps.append(Step("make", ("make", *make_jobs, *make_args), bdir, env, ("build", "make")))
         if install_args:
-            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, env,
+            steps.append(Step("install", ("make", *install_args, f"DESTDIR={ctx.destdir}"), bdir, install_env,
                               ("build", "install")))
     elif system == "cmake":
         toolchain_file = write_cmake_toolchain(ctx)
@@ -206,9 +238,10 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
                      *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
         targets = [a for t in make_args for a in ("--target", t)]
         steps += [Step("configure", tuple(configure), ctx.src, env, ("build", "configure")),
-                  Step("build", ("cmake", "--build", str(build_dir), "-j", jobs, *targets), ctx.src, env,
+                  Step("build", ("cmake", "--build", str(build_dir), *(("-j", jobs) if make_jobs else ()), *targets),
+                       ctx.src, env,
                        ("build", "make")),
-                  Step("install", ("cmake", "--install", str(build_dir)), ctx.src, env, ("build", "install"))]
+                  Step("install", ("cmake", "--install", str(build_dir)), ctx.src, install_env, ("build", "install"))]
     if "script" in build:
         for i, line in enumerate(ctx.render(("script",), build["script"])):
             steps.append(Step(f"script-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), bdir, env,
@@ -297,7 +330,8 @@ def run_steps(ctx: BuildContext, steps: list[Step], *, log: Log = print, first_i
             out.flush()
             try:
                 result = subprocess.run(step.argv, cwd=step.cwd, env=dict(step.env), stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        pass_fds=ctx.jobserver.fds if ctx.jobserver else ())
             except OSError as exc:
                 raise BuildError(f"{step.name} step could not start: {exc}",
                                  where=ctx.package.recipe.where(step.origin), details=f"log: {log_file}") from exc

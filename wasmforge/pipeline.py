@@ -17,6 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from . import __version__
 from .build import (
     BuildContext,
     CcacheStats,
+    JobServer,
     StepTiming,
     plan_steps,
     read_ccache_stats,
@@ -34,7 +36,7 @@ from .build import (
     run_steps,
 )
 from .config import Config
-from .errors import BuildError, SmokeTestError
+from .errors import BuildError, SmokeTestError, WasmforgeError
 from .optimize import audit_imports, compile_module, precompile
 from .patches import Patch, apply_series, patch_series
 from .recipe import Package, RecipeBook, Target
@@ -144,18 +146,73 @@ def explain(book: RecipeBook, target: Target, config: Config, toolchain: Toolcha
     return lines
 
 
+@dataclass
+class PackageOutcome:
+    target: str
+    result: BuildResult | None = None
+    error: BaseException | None = None
+    skipped_for: str | None = None  # the failed dependency
+
+    def describe(self) -> str:
+        if self.result:
+            how = "up to date" if self.result.reused else "built"
+            return f"{self.target}: {how} in {self.result.seconds:.1f} s"
+        if self.error:
+            what = self.error.what if isinstance(self.error, WasmforgeError) else repr(self.error)
+            return f"{self.target}: FAILED: {what}"
+        return f"{self.target}: not built ({self.skipped_for} failed)"
+
+
 def build_target(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain | HostToolchain, *,
-                 log: Log = print, force: bool = False, run_tests: bool = True) -> list[BuildResult]:
-    """Build `target` after its dependencies; returns one result per package, target last."""
-    results: list[BuildResult] = []
-    prefixes: dict[str, Path] = {}
-    for item in plan(book, target, config, toolchain):
-        deps = book.dependency_targets(item.package.recipe, item.package.native)
-        result = build_package(item, config, toolchain, dep_prefixes={d.name: prefixes[d.name] for d in deps},
-                               log=log, force=force and item.package.target == str(target), run_tests=run_tests)
-        prefixes[item.package.name] = result.prefix
-        results.append(result)
-    return results
+                 log: Log = print, force: bool = False, run_tests: bool = True,
+                 summary: list[PackageOutcome] | None = None) -> list[BuildResult]:
+    """Build `target` after its dependencies; returns one result per package, target last.
+
+    Packages whose dependencies are done build at the same time, within one budget of
+    `config.jobs` compile jobs (GNU make's jobserver); each keeps its own logs. A failure stops
+    only what depends on it: the others finish, then the first failure is raised. `summary`, if
+    given, receives every package's outcome.
+    """
+    planned = plan(book, target, config, toolchain)
+    outcomes = {item.package.name: PackageOutcome(item.package.target) for item in planned}
+    deps = {item.package.name: [d.name for d in book.dependency_targets(item.package.recipe, item.package.native)]
+            for item in planned}
+    waiting = {item.package.name: item for item in planned}
+    jobserver = JobServer(config.jobs) if config.jobs > 1 else None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, config.jobs)) as pool:
+            running: dict[Future[BuildResult], str] = {}
+            while waiting or running:
+                for name, item in list(waiting.items()):
+                    failed = next((d for d in deps[name] if outcomes[d].error or outcomes[d].skipped_for), None)
+                    if failed:
+                        outcomes[name].skipped_for = outcomes[failed].skipped_for or outcomes[failed].target
+                        log(f"{item.package.target}: not built: {outcomes[name].skipped_for} failed")
+                        del waiting[name]
+                    elif all(outcomes[d].result for d in deps[name]):
+                        prefixes = {d: outcomes[d].result.prefix for d in deps[name]}  # type: ignore[union-attr]
+                        running[pool.submit(build_package, item, config, toolchain, dep_prefixes=prefixes, log=log,
+                                            force=force and item.package.target == str(target),
+                                            run_tests=run_tests, jobserver=jobserver)] = name
+                        del waiting[name]
+                if not running:
+                    continue
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    name = running.pop(future)
+                    try:
+                        outcomes[name].result = future.result()
+                    except Exception as exc:  # noqa: BLE001 (kept and re-raised once the others finish)
+                        outcomes[name].error = exc
+                        log(f"{outcomes[name].target}: failed")
+    finally:
+        if jobserver:
+            jobserver.close()
+    if summary is not None:
+        summary.extend(outcomes.values())
+    if failure := next((o.error for o in outcomes.values() if o.error), None):
+        raise failure
+    return [o.result for o in outcomes.values() if o.result]
 
 
 @contextmanager
@@ -177,7 +234,7 @@ def build_lock(config: Config, package: Package, log: Log) -> Iterator[None]:
 
 def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | HostToolchain, *,
                   dep_prefixes: dict[str, Path], log: Log = print, force: bool = False,
-                  run_tests: bool = True) -> BuildResult:
+                  run_tests: bool = True, jobserver: JobServer | None = None) -> BuildResult:
     package, key = item.package, item.key
     store = ArtifactStore(config.artifacts)
     entry = store.entry(key)
@@ -194,7 +251,7 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
             shutil.rmtree(work)
         work.mkdir(parents=True)
         ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=entry,
-                           deps=dep_prefixes)
+                           deps=dep_prefixes, jobserver=jobserver)
         ctx.logs.mkdir()
         timings: list[StepTiming] = []
 
