@@ -34,6 +34,8 @@ class Config:
     store_dir: Path | None = None
     # Compile through ccache when it is installed.
     use_ccache: bool = True
+    # Keep debug information in output modules (wasm-opt strips it otherwise).
+    debug: bool = False
 
     def __post_init__(self) -> None:
         # Accept strings for paths (e.g. from the command line or a script).

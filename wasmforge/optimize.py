@@ -1,16 +1,19 @@
-"""Post-link steps on output modules: import audit and AOT precompilation for wasmtime."""
+"""Post-link steps on output modules: wasm-opt, import audit and AOT precompilation for wasmtime."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import wasmtime
 
 from .errors import BuildError
 from .runtime import aot_key, make_engine, precompiled_path, uses_exceptions
+from .toolchain import WasmOpt
 
 
 def compile_module(wasm: Path) -> wasmtime.Module:
@@ -56,3 +59,80 @@ def precompile(wasm: Path, module: wasmtime.Module | None = None) -> Path:
     key_file = cwasm.with_name(cwasm.name + ".json")
     key_file.write_text(json.dumps(key, indent=2) + "\n")
     return cwasm
+
+
+DEFAULT_WASM_OPT_FLAGS = ("-O2",)
+# LLVM's names in a module's target_features section -> wasm-opt's switches.
+_FEATURE_SWITCHES = {
+    "bulk-memory": "bulk-memory", "bulk-memory-opt": "bulk-memory-opt",
+    "call-indirect-overlong": "call-indirect-overlong", "exception-handling": "exception-handling",
+    "extended-const": "extended-const", "multimemory": "multimemory", "multivalue": "multivalue",
+    "mutable-globals": "mutable-globals", "nontrapping-fptoint": "nontrapping-float-to-int",
+    "reference-types": "reference-types", "sign-ext": "sign-ext", "simd128": "simd", "tail-call": "tail-call",
+    "memory64": "memory64", "relaxed-simd": "relaxed-simd",
+}
+
+
+def _leb(data: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        shift += 7
+        if byte < 0x80:
+            return result, pos
+
+
+def custom_sections(data: bytes) -> dict[str, bytes]:
+    """The module's custom sections by name (the last one wins)."""
+    sections: dict[str, bytes] = {}
+    pos = 8
+    while pos < len(data):
+        kind = data[pos]
+        size, pos = _leb(data, pos + 1)
+        if kind == 0:
+            length, start = _leb(data, pos)
+            sections[data[start:start + length].decode(errors="replace")] = data[start + length:pos + size]
+        pos += size
+    return sections
+
+
+def target_features(data: bytes) -> list[str]:
+    """The features the linker recorded as used (`+name`) in the target_features section."""
+    section = custom_sections(data).get("target_features", b"")
+    if not section:
+        return []
+    count, pos = _leb(section, 0)
+    used = []
+    for _ in range(count):
+        prefix = chr(section[pos])
+        length, pos = _leb(section, pos + 1)
+        if prefix == "+":
+            used.append(section[pos:pos + length].decode())
+        pos += length
+    return used
+
+
+def module_sizes(wasm: Path) -> dict[str, int]:
+    data = wasm.read_bytes()
+    return {"bytes": len(data), "gzip": len(gzip.compress(data, compresslevel=9, mtime=0))}
+
+
+def optimize_module(wasm: Path, tool: WasmOpt, flags: list[str] | tuple[str, ...], *, debug: bool, log_file: Path) -> None:
+    """Run wasm-opt on `wasm` in place, with the features its target_features section lists."""
+    features = [f"--enable-{_FEATURE_SWITCHES.get(f, f)}" for f in target_features(wasm.read_bytes())]
+    keep = ["-g"] if debug else ["--strip-debug", "--strip-producers"]
+    tmp = wasm.with_name(wasm.name + ".opt")
+    command = [*tool.command, *flags, *features, *keep, str(wasm), "-o", str(tmp)]
+    with log_file.open("w") as out:
+        out.write("$ " + " ".join(command) + "\n\n")
+        out.flush()
+        result = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    if result.returncode != 0 or not tmp.exists():
+        tmp.unlink(missing_ok=True)
+        tail = "\n".join(log_file.read_text(errors="replace").splitlines()[-15:])
+        raise BuildError(f"wasm-opt failed on {wasm.name} (exit code {result.returncode})",
+                         details=f"{tail}\nfull log: {log_file}",
+                         hint="build with `wasm_opt: []` in the recipe's build section to skip it, and report the module")
+    os.replace(tmp, wasm)

@@ -37,7 +37,14 @@ from .build import (
 )
 from .config import Config
 from .errors import BuildError, SmokeTestError, WasmforgeError
-from .optimize import audit_imports, compile_module, precompile
+from .optimize import (
+    DEFAULT_WASM_OPT_FLAGS,
+    audit_imports,
+    compile_module,
+    module_sizes,
+    optimize_module,
+    precompile,
+)
 from .patches import Patch, apply_series, patch_series
 from .recipe import Package, RecipeBook, Target
 from .runtime import Runner
@@ -49,7 +56,7 @@ from .toolchain import HostToolchain, Toolchain
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
 # Bump when the build logic changes in a way that changes outputs.
-BUILD_LOGIC_VERSION = "1"
+BUILD_LOGIC_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -81,7 +88,12 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return None
 
 
-def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches: list[Patch], dep_keys: dict[str, str]) -> dict[str, Any]:
+def wasm_opt_flags(package: Package) -> list[str]:
+    return [] if package.native else list(package.build.get("wasm_opt", DEFAULT_WASM_OPT_FLAGS))
+
+
+def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches: list[Patch], dep_keys: dict[str, str],
+                 *, debug: bool = False) -> dict[str, Any]:
     """Everything that can change a build's output; the build key is their digest.
 
     The recipe counts as rendered for this version and flavor (its build section and outputs), so
@@ -100,6 +112,7 @@ def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches
         "toolchain": toolchain.identity(),
         "build": dict(package.build),
         "outputs": dict(package.outputs),
+        "optimize": {"wasm_opt": wasm_opt_flags(package), "debug": debug},
         "dependencies": dep_keys,
     }
 
@@ -117,7 +130,7 @@ def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain 
         deps = book.dependency_targets(package.recipe, t.native)
         patches = patch_series(config.patches_dir, package.name, package.patch_series,
                                where=package.recipe.where(("versions", package.version, "patches")))
-        inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps})
+        inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps}, debug=config.debug)
         keys[t.name] = build_key(inputs)
         planned.append(PlannedBuild(package, patches, inputs, keys[t.name]))
     return planned
@@ -273,7 +286,9 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
         if ccache:
             log(f"  [{package.target}] {ccache.describe()}")
         outputs = _collect_outputs(ctx)
+        sizes: dict[str, dict[str, dict[str, int]]] = {}
         if not package.native:
+            timings += _optimize(ctx, outputs, sizes, log)
             t0 = time.perf_counter()
             for wasm in outputs:
                 module = compile_module(wasm)  # once: compiling PHP takes seconds
@@ -294,7 +309,7 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
                     details="\n".join(f"{t.name}:\n  " + "\n  ".join(t.problems) for t in failed),
                     hint=f"the build's files are kept in {work} for inspection; nothing was installed")
         shutil.copytree(ctx.logs, ctx.staged_prefix / "logs")
-        _write_manifest(ctx, key, item.inputs, fetched, timings, tests, ccache)
+        _write_manifest(ctx, key, item.inputs, fetched, timings, tests, ccache, sizes)
         store.put(key, ctx.staged_prefix)
         link_output(final, entry)
         shutil.rmtree(work, ignore_errors=True)
@@ -313,6 +328,35 @@ def _prepare(ctx: BuildContext, fetched: FetchedSource, log: Log) -> list[StepTi
              for i, line in enumerate(fetched.spec.prepare)]
     log(f"  [{ctx.package.target}] preparing the source from {fetched.origin} on the host")
     return run_steps(ctx, steps, log=log, first_index=1)
+
+
+def _optimize(ctx: BuildContext, outputs: list[Path], sizes: dict[str, dict[str, dict[str, int]]],
+              log: Log) -> list[StepTiming]:
+    """wasm-opt on every output module (at once, within the jobs budget); sizes before and after."""
+    root = ctx.staged_prefix
+    for wasm in outputs:
+        sizes[str(wasm.relative_to(root))] = {"raw": module_sizes(wasm)}
+    flags = wasm_opt_flags(ctx.package)
+    tool = ctx.toolchain.wasm_opt if isinstance(ctx.toolchain, Toolchain) else None
+    if not flags or not outputs:
+        return []
+    if tool is None:
+        log(f"  [{ctx.package.target}] wasm-opt is not installed: outputs are not optimised "
+            "(invoke toolchain --install)")
+        return []
+    log(f"  [{ctx.package.target}] wasm-opt {' '.join(flags)} on {', '.join(w.name for w in outputs)}"
+        f" (logs: {ctx.logs}/wasm-opt-*.log)")
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=max(1, min(ctx.config.jobs, len(outputs)))) as pool:
+        for future in [pool.submit(optimize_module, wasm, tool, flags, debug=ctx.config.debug,
+                                   log_file=ctx.logs / f"wasm-opt-{wasm.stem}.log") for wasm in outputs]:
+            future.result()
+    for wasm in outputs:
+        entry = sizes[str(wasm.relative_to(root))]
+        entry["optimized"] = module_sizes(wasm)
+        log(f"  [{ctx.package.target}] {wasm.name}: {entry['raw']['bytes']:,} -> {entry['optimized']['bytes']:,} bytes "
+            f"({entry['raw']['gzip']:,} -> {entry['optimized']['gzip']:,} gzipped)")
+    return [StepTiming("wasm-opt", time.perf_counter() - t0)]
 
 
 def _collect_outputs(ctx: BuildContext) -> list[Path]:
@@ -345,7 +389,8 @@ def _collect_outputs(ctx: BuildContext) -> list[Path]:
 
 
 def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched: FetchedSource,
-                    timings: list[StepTiming], tests: list[TestOutcome], ccache: CcacheStats | None) -> None:
+                    timings: list[StepTiming], tests: list[TestOutcome], ccache: CcacheStats | None,
+                    sizes: dict[str, dict[str, dict[str, int]]]) -> None:
     root = ctx.staged_prefix
     files = {str(p.relative_to(root)): file_record(p) for p in sorted(root.rglob("*"))
              if p.is_file() and not p.is_symlink() and p.parts[len(root.parts)] != "logs"}
@@ -368,6 +413,7 @@ def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched
         "tests": [t.as_dict() for t in tests],
         "steps": [{"name": t.name, "seconds": round(t.seconds, 2)} for t in timings],
         "ccache": asdict(ccache) if ccache else None,
+        "sizes": sizes,
     }
     (root / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 

@@ -426,6 +426,8 @@ _build_fields: dict[str, Check] = {
     "env": _map_of(_is_scalar_arg),
     "exceptions": _is_bool,
     "in_source": _is_bool,
+    # wasm-opt's flags for the outputs (default [-O2]; [-Oz] for size; [] for none).
+    "wasm_opt": _list_of(_is_str),
 }
 _build_check = _record(_build_fields, required=("system",), rule=_build_rule)
 _flavor_build_check = _record(_build_fields)

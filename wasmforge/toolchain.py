@@ -12,6 +12,7 @@ target and sysroot: libtool and some configure scripts dislike multi-word CC val
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -44,6 +45,18 @@ Log = Callable[[str], None]
 
 
 @dataclass(frozen=True)
+class WasmOpt:
+    """Binaryen's wasm-opt: how to run it, its version, and where it came from."""
+
+    command: tuple[str, ...]
+    version: str
+    origin: str
+
+    def identity(self) -> dict[str, str]:
+        return {"version": self.version, "origin": self.origin}
+
+
+@dataclass(frozen=True)
 class Toolchain:
     kind: str
     root: Path
@@ -53,6 +66,7 @@ class Toolchain:
     has_setjmp: bool
     wrappers: Path
     target: str = TARGET
+    wasm_opt: WasmOpt | None = None
 
     @property
     def sysroot(self) -> Path:
@@ -81,7 +95,7 @@ class Toolchain:
 
     def identity(self) -> dict[str, Any]:
         return {"kind": self.kind, "clang": self.clang_version, "libc": self.libc, "target": self.target,
-                "setjmp": self.has_setjmp}
+                "setjmp": self.has_setjmp, "wasm_opt": self.wasm_opt.identity() if self.wasm_opt else None}
 
     def describe(self) -> str:
         setjmp = ("yes (wasm exception handling, exnref encoding)" if self.has_setjmp
@@ -95,6 +109,8 @@ class Toolchain:
             f"target:     {self.target}",
             f"sysroot:    {self.sysroot}",
             f"setjmp:     {setjmp}",
+            "wasm-opt:   " + (f"{self.wasm_opt.version} ({self.wasm_opt.origin}): {' '.join(self.wasm_opt.command)}"
+                              if self.wasm_opt else "not installed: outputs are not optimised (invoke toolchain --install)"),
         ])
 
 
@@ -173,7 +189,7 @@ def _make(config: Config, kind: str, root: Path, reason: str) -> Toolchain:
         (sysroot / "lib" / TARGET / "libsetjmp.a").exists() and major >= 20
     wrappers = _write_wrappers(config, root, sysroot)
     return Toolchain(kind=kind, root=root, reason=reason, clang_version=clang_version, libc=libc,
-                     has_setjmp=has_setjmp, wrappers=wrappers)
+                     has_setjmp=has_setjmp, wrappers=wrappers, wasm_opt=find_wasm_opt(config))
 
 
 def _libc_version(root: Path) -> str:
@@ -207,10 +223,88 @@ def _write_wrappers(config: Config, root: Path, sysroot: Path) -> Path:
     return directory
 
 
+# ----------------------------------------------------------------------------- wasm-opt
+
+WASM_OPT_IDENTITY = "wasmforge-tool.json"
+
+
+def _wasm_opt_dir(config: Config) -> Path:
+    pin = load_pins(config)["wasm_opt"]
+    return config.cache_dir / "tools" / f"{pin['package']}-{pin['version']}"
+
+
+def find_wasm_opt(config: Config, *, environ: dict[str, str] | None = None) -> WasmOpt | None:
+    """WASMFORGE_WASM_OPT if set, else the pinned npm build if installed and Node.js is there."""
+    environ = dict(os.environ) if environ is None else environ
+    if path := environ.get("WASMFORGE_WASM_OPT"):
+        try:
+            out = subprocess.run([path, "--version"], capture_output=True, text=True, check=True, timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise ToolchainError(f"WASMFORGE_WASM_OPT={path} does not run: {exc}",
+                                 hint="point it at Binaryen's wasm-opt (>= 117), or unset it") from None
+        return WasmOpt((path,), out.stdout.strip(), "WASMFORGE_WASM_OPT")
+    ident = _wasm_opt_dir(config) / WASM_OPT_IDENTITY
+    node = shutil.which("node")
+    if not ident.exists() or not node:
+        return None
+    data = json.loads(ident.read_text())
+    return WasmOpt((node, str(ident.parent / "package" / "bin" / "wasm-opt")), data["version"], data["origin"])
+
+
+def install_wasm_opt(config: Config, *, log: Log = print) -> WasmOpt:
+    """Fetch the pinned wasm-opt from npm (`npm pack`), check its integrity, unpack it into the cache."""
+    if found := find_wasm_opt(config):
+        return found
+    pin = load_pins(config)["wasm_opt"]
+    spec = f"{pin['package']}@{pin['version']}"
+    npm, node = shutil.which("npm"), shutil.which("node")
+    if not npm or not node:
+        raise ToolchainError(f"the pinned wasm-opt ({spec} from npm) needs Node.js and npm, which are not installed",
+                             hint="apt-get install nodejs npm, or set WASMFORGE_WASM_OPT to a wasm-opt (Binaryen >= 117)")
+    dest = _wasm_opt_dir(config)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".fetch-"))
+    try:
+        log(f"fetching wasm-opt: npm pack {spec}")
+        result = subprocess.run([npm, "pack", spec, "--silent", "--pack-destination", str(staging)],
+                                capture_output=True, text=True, timeout=600)
+        tarballs = list(staging.glob("*.tgz"))
+        if result.returncode != 0 or len(tarballs) != 1:
+            raise ToolchainError(f"npm pack {spec} failed (exit code {result.returncode})",
+                                 details=(result.stderr or result.stdout)[-2000:],
+                                 hint="check that npm can reach its registry, or set WASMFORGE_WASM_OPT")
+        algorithm, expected = pin["integrity"].split("-", 1)
+        digest = base64.b64encode(hashlib.new(algorithm, tarballs[0].read_bytes()).digest()).decode()
+        if digest != expected:
+            raise ToolchainError(f"{tarballs[0].name} does not match the pinned integrity",
+                                 details=f"expected {pin['integrity']}\ngot      {algorithm}-{digest}",
+                                 hint="the file npm served is not the pinned one: nothing was installed")
+        extract_archive(tarballs[0], staging / "tree")
+        (staging / "tree").rename(staging / "package")
+        wasm_opt = staging / "package" / "bin" / "wasm-opt"
+        out = subprocess.run([node, str(wasm_opt), "--version"], capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise ToolchainError(f"{spec}'s wasm-opt does not run with {node}",
+                                 details=(out.stderr or out.stdout)[-2000:], hint="Node.js >= 18 is needed")
+        origin = f"npm {spec}, {pin['integrity'][:20]}..."
+        (staging / WASM_OPT_IDENTITY).write_text(json.dumps({"version": out.stdout.strip(), "origin": origin}))
+        tarballs[0].unlink()
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wasm-opt installed in {dest}")
+    found = find_wasm_opt(config)
+    assert found is not None
+    return found
+
+
 # ----------------------------------------------------------------------------- provisioning
 
 def install_toolchain(config: Config, *, source: str = "auto", log: Log = print) -> Toolchain:
-    """Provision a toolchain: the pinned WASI SDK, or one assembled from Debian packages."""
+    """Provision a toolchain: the pinned WASI SDK, or one assembled from Debian packages; and wasm-opt."""
+    install_wasm_opt(config, log=log)
     if source in ("auto", "sdk"):
         try:
             return install_sdk(config, log=log)
