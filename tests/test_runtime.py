@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,45 @@ def test_precompiled_module_is_used_and_mismatches_fall_back(modules, tmp_path):
     wasm.write_bytes(modules["sjlj"].read_bytes())
     result = Runner().run(wasm, ["sjlj"])
     assert not result.precompiled and result.stdout == b"longjmp gave 42\n"
+
+
+def test_python_m_wasmforge_run_is_a_short_cli(modules, tmp_path):
+    (tmp_path / "visible.txt").write_text("x")
+    run = [sys.executable, "-m", "wasmforge.run", str(modules["prog"])]
+    result = subprocess.run([*run, "--env", "A=1", "--", "env"], capture_output=True, text=True)
+    assert result.stdout == "A=1\n1 variables\n" and result.returncode == 0
+    result = subprocess.run([*run, "--dir", f"/data:{tmp_path}", "--", "ls", "/data"], capture_output=True, text=True)
+    assert result.stdout == "visible.txt\n"
+    assert subprocess.run([*run, "--", "exit", "255"], capture_output=True).returncode == 255
+    result = subprocess.run([*run, "--timeout", "0.5", "--", "loop"], capture_output=True, text=True)
+    assert result.returncode == 134 and "killed by the timeout" in result.stderr
+    result = subprocess.run([*run, "--dir", "relative:x", "--", "ls"], capture_output=True, text=True)
+    assert result.returncode == 1 and "expected GUEST:HOST with an absolute guest path" in result.stderr
+
+
+def test_wasmforge_run_launcher_starts_precompiled_modules_without_python(modules, tmp_path, toolchain):
+    from wasmforge.config import Config
+    from wasmforge.run import build_launcher
+
+    launcher = build_launcher(Config.from_env().cache_dir)
+    wasm = tmp_path / "prog.wasm"
+    shutil.copy(modules["prog"], wasm)
+    env = {"WASMFORGE_RUN_DEBUG": "1"}
+    result = subprocess.run([launcher, str(wasm), "exit", "255"], capture_output=True, text=True, env=env)
+    assert result.returncode == 255 and result.stdout == "bye\n"
+    assert "compiling" in result.stderr  # no .cwasm yet
+
+    precompile(wasm)
+    result = subprocess.run([launcher, "--env", "A=1", str(wasm), "env"], capture_output=True, text=True, env=env)
+    assert result.stdout == "A=1\n1 variables\n" and "precompiled" in result.stderr
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f.txt").write_text("x")
+    result = subprocess.run([launcher, "--dir", f"/data:{tmp_path / 'd'}", str(wasm), "ls", "/data"],
+                            capture_output=True, text=True)
+    assert result.stdout == "f.txt\n"
+    # Precompiled code of another wasmtime (here: damaged) is not loaded; the module is compiled.
+    precompiled_path(wasm).write_bytes(b"\x7fELF not this wasmtime")
+    result = subprocess.run([launcher, str(wasm), "exit", "3"], capture_output=True, text=True, env=env)
+    assert result.returncode == 3 and "compiling" in result.stderr
+    sjlj = subprocess.run([launcher, str(modules["sjlj"])], capture_output=True, text=True)
+    assert sjlj.stdout == "longjmp gave 42\n" and sjlj.returncode == 0

@@ -1,0 +1,210 @@
+/*
+ * wasmforge-run: start a WASI command module from its precompiled form, with the wasmtime library
+ * that the Python package ships (so the code was compiled by the same wasmtime version), without
+ * starting Python. Built by `invoke launcher`.
+ *
+ *   wasmforge-run [--dir GUEST:HOST]... [--env K=V]... MODULE.wasm [ARGS...]
+ *
+ * Like wasmforge's runner: the module sees no environment variables and no directories unless
+ * given; MODULE.cwasm next to MODULE.wasm is used when wasmtime accepts it (its engine settings:
+ * exception handling as the module needs, epoch interruption on), else MODULE.wasm is compiled;
+ * the exit status is the program's (proc_exit is our own, so statuses >= 126 survive), 134 on a
+ * trap. WASMFORGE_RUN_DEBUG=1 says which form was loaded. The few declarations of wasmtime's C API
+ * we use are written out here.
+ */
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef struct wasm_config_t wasm_config_t;
+typedef struct wasm_engine_t wasm_engine_t;
+typedef struct wasm_trap_t wasm_trap_t;
+typedef struct wasm_valtype_t wasm_valtype_t;
+typedef struct wasm_functype_t wasm_functype_t;
+typedef struct wasmtime_error_t wasmtime_error_t;
+typedef struct wasmtime_module_t wasmtime_module_t;
+typedef struct wasmtime_store_t wasmtime_store_t;
+typedef struct wasmtime_context_t wasmtime_context_t;
+typedef struct wasmtime_linker_t wasmtime_linker_t;
+typedef struct wasmtime_caller_t wasmtime_caller_t;
+typedef struct wasi_config_t wasi_config_t;
+typedef struct { size_t size; char *data; } wasm_byte_vec_t;
+typedef struct { size_t size; wasm_valtype_t **data; } wasm_valtype_vec_t;
+typedef struct { uint64_t store_id; void *private_; } wasmtime_func_t;
+/* wasmtime_val_t: a kind byte, then a 24-byte union aligned to 8; only args[0].i32 is read here. */
+typedef struct { uint8_t kind; uint8_t pad_[7]; int32_t i32; uint8_t rest_[20]; } wasmtime_val_t;
+typedef wasm_trap_t *(*wasmtime_func_callback_t)(void *, wasmtime_caller_t *, const wasmtime_val_t *, size_t,
+                                                 wasmtime_val_t *, size_t);
+
+extern wasm_config_t *wasm_config_new(void);
+extern void wasmtime_config_wasm_exceptions_set(wasm_config_t *, bool);
+extern void wasmtime_config_epoch_interruption_set(wasm_config_t *, bool);
+extern wasm_engine_t *wasm_engine_new_with_config(wasm_config_t *);
+extern wasmtime_error_t *wasmtime_module_deserialize_file(wasm_engine_t *, const char *, wasmtime_module_t **);
+extern wasmtime_error_t *wasmtime_module_new(wasm_engine_t *, const uint8_t *, size_t, wasmtime_module_t **);
+extern wasmtime_store_t *wasmtime_store_new(wasm_engine_t *, void *, void (*)(void *));
+extern wasmtime_context_t *wasmtime_store_context(wasmtime_store_t *);
+extern void wasmtime_context_set_epoch_deadline(wasmtime_context_t *, uint64_t);
+extern wasmtime_error_t *wasmtime_context_set_wasi(wasmtime_context_t *, wasi_config_t *);
+extern wasi_config_t *wasi_config_new(void);
+extern bool wasi_config_set_argv(wasi_config_t *, size_t, const char **);
+extern bool wasi_config_set_env(wasi_config_t *, size_t, const char **, const char **);
+extern void wasi_config_inherit_stdin(wasi_config_t *);
+extern void wasi_config_inherit_stdout(wasi_config_t *);
+extern void wasi_config_inherit_stderr(wasi_config_t *);
+extern bool wasi_config_preopen_dir(wasi_config_t *, const char *, const char *, bool);
+extern wasmtime_linker_t *wasmtime_linker_new(wasm_engine_t *);
+extern void wasmtime_linker_allow_shadowing(wasmtime_linker_t *, bool);
+extern wasmtime_error_t *wasmtime_linker_define_wasi(wasmtime_linker_t *);
+extern wasmtime_error_t *wasmtime_linker_define_func(wasmtime_linker_t *, const char *, size_t, const char *, size_t,
+                                                     const wasm_functype_t *, wasmtime_func_callback_t, void *,
+                                                     void (*)(void *));
+extern wasmtime_error_t *wasmtime_linker_module(wasmtime_linker_t *, wasmtime_context_t *, const char *, size_t,
+                                                const wasmtime_module_t *);
+extern wasmtime_error_t *wasmtime_linker_get_default(wasmtime_linker_t *, wasmtime_context_t *, const char *, size_t,
+                                                     wasmtime_func_t *);
+extern wasmtime_error_t *wasmtime_func_call(wasmtime_context_t *, const wasmtime_func_t *, const wasmtime_val_t *,
+                                            size_t, wasmtime_val_t *, size_t, wasm_trap_t **);
+extern void wasmtime_error_message(const wasmtime_error_t *, wasm_byte_vec_t *);
+extern void wasm_trap_message(const wasm_trap_t *, wasm_byte_vec_t *);
+extern wasm_trap_t *wasmtime_trap_new(const char *, size_t);
+extern wasm_valtype_t *wasm_valtype_new(uint8_t);
+extern void wasm_valtype_vec_new(wasm_valtype_vec_t *, size_t, wasm_valtype_t *const *);
+extern void wasm_valtype_vec_new_empty(wasm_valtype_vec_t *);
+extern wasm_functype_t *wasm_functype_new(wasm_valtype_vec_t *, wasm_valtype_vec_t *);
+
+#define WASM_I32 0
+#define MAX_ITEMS 256
+
+static int exit_status = -1;
+
+static wasm_trap_t *proc_exit(void *env, wasmtime_caller_t *caller, const wasmtime_val_t *args, size_t nargs,
+                              wasmtime_val_t *results, size_t nresults) {
+    (void)env; (void)caller; (void)nargs; (void)results; (void)nresults;
+    exit_status = args[0].i32 & 0xFF;  /* as a POSIX parent sees it */
+    return wasmtime_trap_new("proc_exit", 9);
+}
+
+static void fail(const char *what, wasmtime_error_t *error, wasm_trap_t *trap) {
+    wasm_byte_vec_t message = {0, NULL};
+    if (error) wasmtime_error_message(error, &message);
+    if (trap) wasm_trap_message(trap, &message);
+    fprintf(stderr, "wasmforge-run: %s%s%.*s\n", what, message.size ? ": " : "", (int)message.size,
+            message.data ? message.data : "");
+    exit(trap ? 134 : 1);
+}
+
+static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
+    size_t n = strlen(wasm);
+    char *cwasm = malloc(n + 2);
+    if (!cwasm) exit(1);
+    memcpy(cwasm, wasm, n + 1);
+    if (n > 5 && strcmp(wasm + n - 5, ".wasm") == 0) strcpy(cwasm + n - 5, ".cwasm");
+    wasmtime_module_t *module = NULL;
+    /* wasmtime accepts precompiled code only from the same version and settings: try the module
+     * with exception handling (as our builds mostly are), then without, then compile. */
+    for (int exceptions = 1; exceptions >= 0; exceptions--) {
+        wasm_config_t *config = wasm_config_new();
+        wasmtime_config_wasm_exceptions_set(config, exceptions);
+        wasmtime_config_epoch_interruption_set(config, true);
+        wasm_engine_t *engine = wasm_engine_new_with_config(config);
+        if (!wasmtime_module_deserialize_file(engine, cwasm, &module)) {
+            if (getenv("WASMFORGE_RUN_DEBUG")) fprintf(stderr, "wasmforge-run: precompiled %s\n", cwasm);
+            *engine_out = engine;
+            return module;
+        }
+    }
+    FILE *f = fopen(wasm, "rb");
+    if (!f) { perror(wasm); exit(1); }
+    fseek(f, 0, SEEK_END);
+    long size = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *bytes = malloc(size > 0 ? (size_t)size : 1);
+    if (!bytes || fread(bytes, 1, (size_t)size, f) != (size_t)size) { fprintf(stderr, "cannot read %s\n", wasm); exit(1); }
+    fclose(f);
+    wasm_config_t *config = wasm_config_new();
+    wasmtime_config_wasm_exceptions_set(config, true);
+    wasmtime_config_epoch_interruption_set(config, true);
+    *engine_out = wasm_engine_new_with_config(config);
+    if (getenv("WASMFORGE_RUN_DEBUG")) fprintf(stderr, "wasmforge-run: compiling %s (no usable %s)\n", wasm, cwasm);
+    wasmtime_error_t *error = wasmtime_module_new(*engine_out, bytes, (size_t)size, &module);
+    if (error) fail("cannot compile the module", error, NULL);
+    return module;
+}
+
+int main(int argc, char **argv) {
+    const char *env_names[MAX_ITEMS], *env_values[MAX_ITEMS];
+    char *dirs[MAX_ITEMS];
+    size_t n_env = 0, n_dirs = 0;
+    int i = 1;
+    for (; i < argc && argv[i][0] == '-' && argv[i][1] == '-'; i += 2) {
+        if (i + 1 >= argc) { fprintf(stderr, "wasmforge-run: %s needs a value\n", argv[i]); return 2; }
+        char *value = argv[i + 1];
+        char *sep = strchr(value, strcmp(argv[i], "--env") == 0 ? '=' : ':');
+        if (!sep || (strcmp(argv[i], "--env") != 0 && strcmp(argv[i], "--dir") != 0) ||
+            n_env >= MAX_ITEMS || n_dirs >= MAX_ITEMS) {
+            fprintf(stderr, "usage: wasmforge-run [--dir GUEST:HOST]... [--env K=V]... MODULE.wasm [ARGS...]\n");
+            return 2;
+        }
+        *sep = '\0';
+        if (strcmp(argv[i], "--env") == 0) { env_names[n_env] = value; env_values[n_env++] = sep + 1; }
+        else { dirs[n_dirs++] = value; }
+    }
+    if (i >= argc) {
+        fprintf(stderr, "usage: wasmforge-run [--dir GUEST:HOST]... [--env K=V]... MODULE.wasm [ARGS...]\n");
+        return 2;
+    }
+    const char *wasm = argv[i];
+    wasm_engine_t *engine = NULL;
+    wasmtime_module_t *module = load(wasm, &engine);
+
+    wasmtime_store_t *store = wasmtime_store_new(engine, NULL, NULL);
+    wasmtime_context_t *context = wasmtime_store_context(store);
+    wasmtime_context_set_epoch_deadline(context, (uint64_t)1 << 62);
+    wasi_config_t *wasi = wasi_config_new();
+    /* argv[0] is the program's name without directory and suffix, as the runner gives it. */
+    const char *base = strrchr(wasm, '/') ? strrchr(wasm, '/') + 1 : wasm;
+    char *name = strdup(base);
+    if (strlen(name) > 5 && strcmp(name + strlen(name) - 5, ".wasm") == 0) name[strlen(name) - 5] = '\0';
+    const char **args = (const char **)malloc(sizeof(char *) * (size_t)(argc - i));
+    args[0] = name;
+    for (int k = i + 1; k < argc; k++) args[k - i] = argv[k];
+    wasi_config_set_argv(wasi, (size_t)(argc - i), args);
+    wasi_config_set_env(wasi, n_env, env_names, env_values);
+    wasi_config_inherit_stdin(wasi);
+    wasi_config_inherit_stdout(wasi);
+    wasi_config_inherit_stderr(wasi);
+    for (size_t d = 0; d < n_dirs; d++) {
+        char *host = dirs[d] + strlen(dirs[d]) + 1;
+        if (!wasi_config_preopen_dir(wasi, host, dirs[d], true)) {
+            fprintf(stderr, "wasmforge-run: cannot preopen %s as %s\n", host, dirs[d]);
+            return 1;
+        }
+    }
+    wasmtime_error_t *error = wasmtime_context_set_wasi(context, wasi);
+    if (error) fail("cannot set up WASI", error, NULL);
+
+    wasmtime_linker_t *linker = wasmtime_linker_new(engine);
+    if ((error = wasmtime_linker_define_wasi(linker))) fail("cannot define WASI", error, NULL);
+    wasmtime_linker_allow_shadowing(linker, true);
+    wasm_valtype_t *i32 = wasm_valtype_new(WASM_I32);
+    wasm_valtype_vec_t params, results;
+    wasm_valtype_vec_new(&params, 1, &i32);
+    wasm_valtype_vec_new_empty(&results);
+    wasm_functype_t *type = wasm_functype_new(&params, &results);
+    error = wasmtime_linker_define_func(linker, "wasi_snapshot_preview1", 22, "proc_exit", 9, type, proc_exit, NULL,
+                                        NULL);
+    if (error) fail("cannot define proc_exit", error, NULL);
+    if ((error = wasmtime_linker_module(linker, context, "", 0, module))) fail("cannot instantiate", error, NULL);
+    wasmtime_func_t start;
+    if ((error = wasmtime_linker_get_default(linker, context, "", 0, &start))) fail("no _start", error, NULL);
+    wasm_trap_t *trap = NULL;
+    error = wasmtime_func_call(context, &start, NULL, 0, NULL, 0, &trap);
+    fflush(stdout);
+    if (exit_status >= 0) return exit_status;
+    if (error) fail("the program failed", error, NULL);
+    if (trap) fail("trapped", NULL, trap);
+    return 0;
+}

@@ -1,0 +1,95 @@
+"""The shortest way to run a built module from a shell: `python -m wasmforge.run MODULE [options] -- ARGS`.
+
+It loads only the runner (no recipes, no invoke), uses the precompiled module next to MODULE when
+its key matches, and exits with the program's status. Options: --dir GUEST:HOST, --env K=V,
+--timeout SECONDS.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import wasmtime
+
+from .errors import ToolchainError, WasmforgeError
+from .runtime import Runner, wasmtime_version
+
+LAUNCHER_SOURCE = Path(__file__).parent / "launcher" / "wasmforge-run.c"
+
+
+def build_launcher(cache_dir: Path) -> Path:
+    """Compile `wasmforge-run` (launcher/wasmforge-run.c) against the wasmtime library of the Python
+    package, once per wasmtime version: a fresh process that starts a precompiled module without Python."""
+    libraries = sorted(Path(wasmtime.__file__).parent.glob("*/_libwasmtime.so"))
+    if not libraries:
+        raise ToolchainError(f"the wasmtime package has no _libwasmtime.so in {Path(wasmtime.__file__).parent}")
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if not compiler:
+        raise ToolchainError("building wasmforge-run needs a C compiler", hint="apt-get install gcc")
+    launcher = cache_dir / "bin" / f"wasmforge-run-wasmtime-{wasmtime_version()}"
+    if launcher.exists() and launcher.stat().st_mtime >= LAUNCHER_SOURCE.stat().st_mtime:
+        return launcher
+    launcher.parent.mkdir(parents=True, exist_ok=True)
+    tmp = launcher.with_name(launcher.name + ".tmp")
+    library = libraries[0]
+    result = subprocess.run([compiler, "-O2", "-Wall", "-o", str(tmp), str(LAUNCHER_SOURCE), f"-L{library.parent}",
+                             f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ToolchainError("could not compile wasmforge-run", details=result.stderr[-2000:])
+    tmp.replace(launcher)
+    return launcher
+
+
+def parse_dir(spec: str) -> tuple[str, Path]:
+    guest, sep, host = spec.partition(":")
+    if not sep or not guest.startswith("/"):
+        raise WasmforgeError(f"--dir {spec!r}: expected GUEST:HOST with an absolute guest path, e.g. /data:./data")
+    return guest, Path(host).resolve()
+
+
+def parse_env(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise WasmforgeError(f"--env {item!r}: expected K=V")
+    return key, value
+
+
+def main(args: list[str]) -> int:
+    if "--" in args:
+        options, program_args = args[: args.index("--")], args[args.index("--") + 1:]
+    else:
+        options, program_args = args[:1], args[1:]
+    if not options:
+        print(__doc__, file=sys.stderr)
+        return 2
+    module = Path(options[0])
+    dirs: list[tuple[str, Path]] = []
+    env: dict[str, str] = {}
+    timeout: float | None = None
+    rest = iter(options[1:])
+    try:
+        for option in rest:
+            value = next(rest, None)
+            if value is None or option not in ("--dir", "--env", "--timeout"):
+                raise WasmforgeError(f"unknown option or missing value: {option}", hint="see: python -m wasmforge.run")
+            if option == "--dir":
+                dirs.append(parse_dir(value))
+            elif option == "--env":
+                env.update([parse_env(value)])
+            else:
+                timeout = float(value)
+        result = Runner().run(module, [module.stem, *program_args], env=env, dirs=dirs, timeout=timeout,
+                              capture=False)
+    except WasmforgeError as exc:
+        print(f"error: {exc.render()}", file=sys.stderr)
+        return 1
+    if result.exit_code is None:
+        print(f"{module.name}: {result.describe()}", file=sys.stderr)
+    return result.status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
