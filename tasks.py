@@ -18,6 +18,7 @@ from typing import Any
 from invoke import task
 from invoke.exceptions import Exit
 
+from wasmforge.bench import BENCH_HEADER, render, run_bench
 from wasmforge.compare import run_native, run_wasm, side_by_side
 from wasmforge.config import Config
 from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance
@@ -25,6 +26,7 @@ from wasmforge.errors import WasmforgeError
 from wasmforge.pipeline import PackageOutcome, build_target, output_dir, read_manifest
 from wasmforge.pipeline import explain as explain_build
 from wasmforge.recipe import RecipeBook
+from wasmforge.run import build_launcher, parse_dir, parse_env
 from wasmforge.runtime import Runner
 from wasmforge.smoke import run_smoke_tests
 from wasmforge.sources import fetch_sources
@@ -124,16 +126,17 @@ def fetch(ctx, target, mirror=None):
     "no-test": "skip the smoke tests",
     "mirror": "a directory or base URL to look in for sources first (repeatable)",
     "no-ccache": "do not compile through ccache (used by default when it is installed)",
+    "debug": "keep debug information (DWARF, names) in the output modules",
     "explain": "build nothing: say for each package whether it is stored (a hit) and, if not, "
                "which inputs differ from the nearest stored build",
 })
 @cli
 def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=None, native=False, explain=False,
-          no_ccache=False):
+          no_ccache=False, debug=False):
     """Build a package and its dependencies, precompile its modules and run its smoke tests."""
     config = _config(jobs=jobs, mirror=mirror)
-    if no_ccache:
-        config = dataclasses.replace(config, use_ccache=False)
+    if no_ccache or debug:
+        config = dataclasses.replace(config, use_ccache=not no_ccache, debug=debug)
     book = RecipeBook.load(config.recipes_dir)
     t = book.parse_target(target, flavor)
     if native:
@@ -204,18 +207,8 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=0.0, memory=0, no
     if name not in programs:
         raise WasmforgeError(f"{package.target} has no program {name!r}",
                              hint=f"programs: {', '.join(programs) or 'none'}")
-    dirs = []
-    for spec in dir or []:
-        guest, sep, host = spec.partition(":")
-        if not sep or not guest.startswith("/"):
-            raise WasmforgeError(f"--dir {spec!r}: expected GUEST:HOST with an absolute guest path, e.g. /data:./data")
-        dirs.append((guest, Path(host).resolve()))
-    variables = {}
-    for item in env or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise WasmforgeError(f"--env {item!r}: expected K=V")
-        variables[key] = value
+    dirs = [parse_dir(spec) for spec in dir or []]
+    variables = dict(parse_env(item) for item in env or [])
     runner = Runner(use_precompiled=not no_precompiled)
     result = runner.run(out / programs[name], [name, *_remainder(ctx)], env=variables, dirs=dirs,
                         timeout=timeout or None, memory_limit=memory * 1024 * 1024 or None, capture=False)
@@ -264,3 +257,34 @@ def conformance(ctx, target, jobs=0, output="docs/conformance.md", from_logs=Fal
     tree = config.outputs / ".conformance" / package.target / "src"
     report.write_text(render_report(package, results, command, tree))
     print(f"wrote {report}")
+
+
+@task(help={"runs": "runs per start-up measurement (the median is reported; long workloads use at most 3)",
+            "no-builds": "skip the build-time measurements (cold, no-change, touched patch)",
+            "output": "the Markdown file the table is appended to"})
+@cli
+def bench(ctx, target, runs=21, no_builds=False, output="docs/benchmarks.md"):
+    """Measure build times, sizes, start-up and run time against the native build; append to docs/benchmarks.md."""
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    t = book.parse_target(target)
+    tc = find_toolchain(config)
+    command = "invoke bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:])
+    rows = run_bench(book, t, config, tc, runs=runs, builds=not no_builds, log=log)
+    text = render(t, rows, command, tc)
+    print(text)
+    path = config.root / output
+    if not path.exists():
+        path.write_text(BENCH_HEADER)
+    with path.open("a") as handle:
+        handle.write("\n" + text)
+    log(f"appended to {path}")
+
+
+@task
+@cli
+def launcher(ctx):
+    """Build wasmforge-run, the fastest way to start a built module from a shell (no Python), and print its path."""
+    path = build_launcher(_config().cache_dir)
+    print(path)
+    log(f"usage: {path.name} [--dir GUEST:HOST]... [--env K=V]... build-output/<pkg>/<version>/bin/<program>.wasm [ARGS...]")
