@@ -22,6 +22,8 @@ missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Node.js and npm run the pinned wasm-opt (Binaryen's npm build); any Node.js >= 18 will do.
+command -v node >/dev/null && command -v npm >/dev/null || missing+=(nodejs npm)
 if [ "${#missing[@]}" -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]}"
   "${SUDO[@]}" apt-get update -q
