@@ -14,7 +14,7 @@ from wasmforge.config import Config
 from wasmforge.errors import SourceError, ToolchainError
 from wasmforge.recipe import SourceSpec
 from wasmforge.runtime import Runner
-from wasmforge.toolchain import TARGET, find_toolchain, install_sdk
+from wasmforge.toolchain import TARGET, find_toolchain, find_wasm_opt, install_sdk, install_wasm_opt
 
 
 def test_no_toolchain_says_how_to_get_one(tmp_path):
@@ -90,3 +90,30 @@ def test_toolchain_identity(toolchain):
         assert env[key]
     text = toolchain.describe()
     assert "chosen:" in text and "setjmp:     yes" in text
+
+
+def test_wasm_opt_from_npm_is_refused_when_it_does_not_match_the_pin(project):
+    pins = project.root / "toolchain" / "pins.yaml"
+    pinned = pins.read_text()
+    assert "integrity: sha512-" in pinned
+    pins.write_text(pinned.replace("integrity: sha512-", "integrity: sha512-AAAA"))
+    with pytest.raises(ToolchainError) as info:
+        install_wasm_opt(project.config, log=lambda m: None)
+    assert "does not match the pinned integrity" in info.value.what
+    assert "nothing was installed" in info.value.hint
+    tools = project.config.cache_dir / "tools"
+    assert not [p for p in tools.iterdir()]  # no entry, no staging left behind
+    assert find_wasm_opt(project.config, environ={}) is None
+
+
+def test_wasm_opt_from_the_environment(tmp_path, toolchain):
+    config = Config.from_env(cache_dir=tmp_path / "cache")
+    with pytest.raises(ToolchainError) as info:
+        find_wasm_opt(config, environ={"WASMFORGE_WASM_OPT": str(tmp_path / "missing")})
+    assert "does not run" in info.value.what
+    # The pinned one, called through a script, stands in for "another wasm-opt".
+    script = tmp_path / "wasm-opt"
+    script.write_text("#!/bin/sh\nexec " + " ".join(toolchain.wasm_opt.command) + ' "$@"\n')
+    script.chmod(0o755)
+    found = find_wasm_opt(config, environ={"WASMFORGE_WASM_OPT": str(script)})
+    assert found is not None and found.origin == "WASMFORGE_WASM_OPT" and "version 132" in found.version
