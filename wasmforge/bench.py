@@ -129,8 +129,10 @@ def measure_builds(book: RecipeBook, target: Target, config: Config, toolchain: 
         package = book.package(target)
         if package.patch_series:
             project = scratch / "project"
-            for part in ("recipes", "patches", "toolchain"):
-                shutil.copytree(config.root / part, project / part)
+            # What builds read from a checkout (smoke tests use files under examples/ too).
+            for part in ("recipes", "patches", "toolchain", "examples"):
+                if (config.root / part).is_dir():
+                    shutil.copytree(config.root / part, project / part)
             series = sorted((project / "patches" / package.name / package.patch_series).glob("*.patch"))
             series[-1].write_text("(touched by invoke bench)\n" + series[-1].read_text())
             log(f"bench: rebuild after touching {series[-1].name}, ccache warm ...")

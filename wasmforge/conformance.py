@@ -1,8 +1,9 @@
 """Run PHP's own test suite (run-tests.php) against the wasm build, with the native build beside it.
 
 The native reference PHP drives run-tests.php. The tested executable is a small wrapper that runs
-php.wasm in wasmtime with the source tree preopened at its own path (run-tests writes each test's
-script next to its .phpt) plus /tmp, and passes on run-tests' environment, stdin and exit status.
+php.wasm in wasmtime (with wasmforge-run, see run.py) with the source tree preopened at its own
+path (run-tests writes each test's script next to its .phpt) plus /tmp, and passes on run-tests'
+environment, stdin and exit status.
 The same directories are run with the native PHP as the tested executable, so the report shows
 what the wasm build loses against a native build of the same version.
 """
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import shutil
 import stat
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 from .config import Config
 from .errors import WasmforgeError
 from .recipe import Package
+from .run import build_launcher
 from .sources import extract_archive, fetch_sources
 
 Log = Callable[[str], None]
@@ -34,21 +36,14 @@ DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "
 # run-tests prints progress and results on the same line when its output is not a terminal.
 _RESULT = re.compile(r"\b(?P<kind>PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK) .*?\[(?P<file>[^\]\[]+\.phpt)\]")
 
-WRAPPER = '''#!{python}
-# Written by wasmforge: run {wasm} in wasmtime as if it were a native php binary.
-import os, sys
-sys.path.insert(0, {root!r})
-from pathlib import Path
-from wasmforge.runtime import Runner
-dirs = [({tree!r}, Path({tree!r})), ("/tmp", Path("/tmp"))]
-# php.wasm starts in $PWD (patches/php/7.4/0012): the directory run-tests runs it from.
-env = dict(os.environ, PWD=os.getcwd())
-result = Runner().run(Path({wasm!r}), [{name!r}, *sys.argv[1:]], env=env, dirs=dirs,
-                      timeout={timeout}, capture=False)
-if result.trap or result.timed_out:
-    sys.stderr.write("wasmforge: {name}.wasm " + result.describe() + "\\n")
-sys.exit(result.status)
-'''
+WRAPPER = """#!/bin/sh
+# Written by wasmforge: run {wasm} in wasmtime as if it were a native php binary, through
+# wasmforge-run (no Python per test). php.wasm starts in $PWD (patches/php/7.4/0012): the
+# directory run-tests runs it from.
+PWD=$(pwd)
+export PWD
+exec {launcher} --inherit-env --timeout {timeout} --dir {tree}:{tree} --dir /tmp:/tmp {wasm} "$@"
+"""
 
 
 @dataclass
@@ -82,8 +77,9 @@ def prepare_tree(package: Package, config: Config, log: Log) -> Path:
 def write_wrapper(tree: Path, wasm: Path, config: Config, timeout: float = 300) -> Path:
     name = wasm.name.removesuffix(".wasm")
     path = tree.parent / f"{name}-wasm"
-    path.write_text(WRAPPER.format(python=sys.executable, root=str(config.root), tree=str(tree),
-                                   wasm=str(wasm), timeout=timeout, name=name))
+    launcher = build_launcher(config.cache_dir)
+    path.write_text(WRAPPER.format(launcher=shlex.quote(str(launcher)), tree=shlex.quote(str(tree)),
+                                   wasm=shlex.quote(str(wasm)), timeout=timeout))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 

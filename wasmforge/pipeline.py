@@ -10,7 +10,6 @@ a build that fails or is killed leaves no entry and no output that looks complet
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -50,7 +49,7 @@ from .recipe import Package, RecipeBook, Target
 from .runtime import Runner
 from .smoke import TestOutcome, run_smoke_tests
 from .sources import FetchedSource, extract_archive, fetch_sources
-from .store import ArtifactStore, differences, file_record
+from .store import ArtifactStore, differences, exclusive_lock, file_record
 from .toolchain import HostToolchain, Toolchain
 
 Log = Callable[[str], None]
@@ -230,19 +229,9 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
 
 @contextmanager
 def build_lock(config: Config, package: Package, log: Log) -> Iterator[None]:
-    locks = config.outputs / ".locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    path = locks / f"{package.target}.lock"
-    with path.open("w") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log(f"another build of {package.target} is running (lock {path}); waiting for it to finish")
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    path = config.outputs / ".locks" / f"{package.target}.lock"
+    with exclusive_lock(path, f"another build of {package.target} is running (lock {path}); waiting for it to finish", log):
+        yield
 
 
 def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | HostToolchain, *,

@@ -36,6 +36,22 @@ def file_record(path: Path) -> dict[str, Any]:
     return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
 
 
+@contextmanager
+def exclusive_lock(path: Path, waiting: str, log: Log) -> Iterator[None]:
+    """Hold an flock on `path`; say `waiting` first when someone else holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(waiting)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 class ArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -46,18 +62,9 @@ class ArtifactStore:
     @contextmanager
     def lock(self, key: str, log: Log) -> Iterator[None]:
         """Held while a key is looked up and built: two builds that need it build it once."""
-        locks = self.root / ".locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        with (locks / f"{key}.lock").open("w") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"another build is producing {key[:12]}; waiting for it")
-                fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        with exclusive_lock(self.root / ".locks" / f"{key}.lock", f"another build is producing {key[:12]}; waiting for it",
+                            log):
+            yield
 
     def problem(self, key: str) -> str | None:
         """Why the entry for `key` cannot be used, or None when every file matches its manifest."""

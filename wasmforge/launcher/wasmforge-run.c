@@ -3,7 +3,7 @@
  * that the Python package ships (so the code was compiled by the same wasmtime version), without
  * starting Python. Built by `invoke launcher`.
  *
- *   wasmforge-run [--dir GUEST:HOST]... [--env K=V]... MODULE.wasm [ARGS...]
+ *   wasmforge-run [--dir GUEST:HOST]... [--env K=V]... [--inherit-env] [--timeout SECONDS] MODULE.wasm [ARGS...]
  *
  * Like wasmforge's runner: the module sees no environment variables and no directories unless
  * given; MODULE.cwasm next to MODULE.wasm is used when wasmtime accepts it (its engine settings:
@@ -12,11 +12,13 @@
  * trap. WASMFORGE_RUN_DEBUG=1 says which form was loaded. The few declarations of wasmtime's C API
  * we use are written out here.
  */
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef struct wasm_config_t wasm_config_t;
 typedef struct wasm_engine_t wasm_engine_t;
@@ -47,10 +49,12 @@ extern wasmtime_error_t *wasmtime_module_new(wasm_engine_t *, const uint8_t *, s
 extern wasmtime_store_t *wasmtime_store_new(wasm_engine_t *, void *, void (*)(void *));
 extern wasmtime_context_t *wasmtime_store_context(wasmtime_store_t *);
 extern void wasmtime_context_set_epoch_deadline(wasmtime_context_t *, uint64_t);
+extern void wasmtime_engine_increment_epoch(wasm_engine_t *);
 extern wasmtime_error_t *wasmtime_context_set_wasi(wasmtime_context_t *, wasi_config_t *);
 extern wasi_config_t *wasi_config_new(void);
 extern bool wasi_config_set_argv(wasi_config_t *, size_t, const char **);
 extern bool wasi_config_set_env(wasi_config_t *, size_t, const char **, const char **);
+extern void wasi_config_inherit_env(wasi_config_t *);
 extern void wasi_config_inherit_stdin(wasi_config_t *);
 extern void wasi_config_inherit_stdout(wasi_config_t *);
 extern void wasi_config_inherit_stderr(wasi_config_t *);
@@ -79,6 +83,16 @@ extern wasm_functype_t *wasm_functype_new(wasm_valtype_vec_t *, wasm_valtype_vec
 #define MAX_ITEMS 256
 
 static int exit_status = -1;
+static double timeout_seconds = 0;
+static volatile bool timed_out = false;
+
+static void *watchdog(void *engine) {
+    struct timespec wait = {(time_t)timeout_seconds, (long)((timeout_seconds - (time_t)timeout_seconds) * 1e9)};
+    nanosleep(&wait, NULL);
+    timed_out = true;
+    wasmtime_engine_increment_epoch((wasm_engine_t *)engine);  /* the store's deadline is one tick */
+    return NULL;
+}
 
 static wasm_trap_t *proc_exit(void *env, wasmtime_caller_t *caller, const wasmtime_val_t *args, size_t nargs,
                               wasmtime_val_t *results, size_t nresults) {
@@ -138,14 +152,18 @@ int main(int argc, char **argv) {
     const char *env_names[MAX_ITEMS], *env_values[MAX_ITEMS];
     char *dirs[MAX_ITEMS];
     size_t n_env = 0, n_dirs = 0;
+    bool inherit_env = false;
     int i = 1;
     for (; i < argc && argv[i][0] == '-' && argv[i][1] == '-'; i += 2) {
+        if (strcmp(argv[i], "--inherit-env") == 0) { inherit_env = true; i--; continue; }
+        if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) { timeout_seconds = atof(argv[i + 1]); continue; }
         if (i + 1 >= argc) { fprintf(stderr, "wasmforge-run: %s needs a value\n", argv[i]); return 2; }
         char *value = argv[i + 1];
         char *sep = strchr(value, strcmp(argv[i], "--env") == 0 ? '=' : ':');
         if (!sep || (strcmp(argv[i], "--env") != 0 && strcmp(argv[i], "--dir") != 0) ||
             n_env >= MAX_ITEMS || n_dirs >= MAX_ITEMS) {
-            fprintf(stderr, "usage: wasmforge-run [--dir GUEST:HOST]... [--env K=V]... MODULE.wasm [ARGS...]\n");
+            fprintf(stderr, "usage: wasmforge-run [--dir GUEST:HOST]... [--env K=V]... [--inherit-env] "
+                            "[--timeout SECONDS] MODULE.wasm [ARGS...]\n");
             return 2;
         }
         *sep = '\0';
@@ -162,7 +180,7 @@ int main(int argc, char **argv) {
 
     wasmtime_store_t *store = wasmtime_store_new(engine, NULL, NULL);
     wasmtime_context_t *context = wasmtime_store_context(store);
-    wasmtime_context_set_epoch_deadline(context, (uint64_t)1 << 62);
+    wasmtime_context_set_epoch_deadline(context, timeout_seconds > 0 ? 1 : (uint64_t)1 << 62);
     wasi_config_t *wasi = wasi_config_new();
     /* argv[0] is the program's name without directory and suffix, as the runner gives it. */
     const char *base = strrchr(wasm, '/') ? strrchr(wasm, '/') + 1 : wasm;
@@ -172,7 +190,8 @@ int main(int argc, char **argv) {
     args[0] = name;
     for (int k = i + 1; k < argc; k++) args[k - i] = argv[k];
     wasi_config_set_argv(wasi, (size_t)(argc - i), args);
-    wasi_config_set_env(wasi, n_env, env_names, env_values);
+    if (inherit_env) wasi_config_inherit_env(wasi);  /* the host's environment, as run-tests passes it */
+    else wasi_config_set_env(wasi, n_env, env_names, env_values);
     wasi_config_inherit_stdin(wasi);
     wasi_config_inherit_stdout(wasi);
     wasi_config_inherit_stderr(wasi);
@@ -200,10 +219,16 @@ int main(int argc, char **argv) {
     if ((error = wasmtime_linker_module(linker, context, "", 0, module))) fail("cannot instantiate", error, NULL);
     wasmtime_func_t start;
     if ((error = wasmtime_linker_get_default(linker, context, "", 0, &start))) fail("no _start", error, NULL);
+    pthread_t timer;
+    if (timeout_seconds > 0 && pthread_create(&timer, NULL, watchdog, engine) == 0) pthread_detach(timer);
     wasm_trap_t *trap = NULL;
     error = wasmtime_func_call(context, &start, NULL, 0, NULL, 0, &trap);
     fflush(stdout);
     if (exit_status >= 0) return exit_status;
+    if (timed_out) {
+        fprintf(stderr, "wasmforge-run: killed by the timeout after %g s\n", timeout_seconds);
+        return 134;
+    }
     if (error) fail("the program failed", error, NULL);
     if (trap) fail("trapped", NULL, trap);
     return 0;
