@@ -30,6 +30,9 @@ from .sources import extract_archive, fetch_sources
 
 Log = Callable[[str], None]
 DIRECTORY_TIMEOUT = 2400  # seconds for one run-tests invocation
+# run-tests' parallel mode can stop making progress when a worker dies (its master then spins):
+# with no new output for this long (more than one test's timeout), the run is stopped.
+STALL_TIMEOUT = 360
 DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "ext/pcre/tests",
                 "ext/mbstring/tests", "ext/date/tests", "ext/spl/tests", "ext/sqlite3/tests",
                 "ext/pdo_sqlite/tests")
@@ -94,11 +97,16 @@ def run_directory(driver: Path, tested: Path, cgi: Path, tree: Path, directory: 
         # run-tests' parallel mode can hang when its workers die; results so far are kept.
         process = subprocess.Popen(cmd, cwd=tree, env=env, stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL)
-        try:
-            process.wait(timeout=DIRECTORY_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        started = last_change = time.monotonic()
+        size = -1
+        while process.poll() is None:
+            time.sleep(5)
+            now = time.monotonic()
+            if log_file.stat().st_size != size:
+                size, last_change = log_file.stat().st_size, now
+            if now - last_change > STALL_TIMEOUT or now - started > DIRECTORY_TIMEOUT:
+                process.kill()
+                process.wait()
     return read_results(log_file, tree, directory)
 
 
