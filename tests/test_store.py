@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import http.server
 import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -277,3 +279,47 @@ def test_ccache_serves_a_forced_rebuild_and_does_not_change_outputs(project, too
     plain, messages = _build(project, toolchain, "hello-1.0", force=True)
     assert not any("ccache:" in m for m in messages) and plain[-1].key == first[-1].key
     assert json.loads((plain[-1].prefix / "manifest.json").read_text())["outputs"]["bin/hello.wasm"]["sha256"] == wasm
+
+
+class _CacheServer(http.server.BaseHTTPRequestHandler):
+    """A minimal HTTP store for ccache's remote storage: PUT stores, GET/HEAD serve."""
+
+    blobs: dict[str, bytes] = {}
+
+    def do_PUT(self) -> None:  # noqa: N802 (http.server's naming)
+        self.blobs[self.path] = self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(201)
+        self.end_headers()
+
+    def do_GET(self) -> None:  # noqa: N802
+        body = self.blobs.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.send_header("Content-Length", str(len(body or b"")))
+        self.end_headers()
+        if body is not None and self.command == "GET":
+            self.wfile.write(body)
+
+    do_HEAD = do_GET  # noqa: N815
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_ccache_remote_storage_settings_pass_through(project, toolchain, monkeypatch, tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _CacheServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("CCACHE_REMOTE_STORAGE", f"http://127.0.0.1:{server.server_address[1]}/cache")
+        makefile = "hello: hello.o\n\t$(CC) $(LDFLAGS) hello.o -o hello $(LIBS)\nhello.o: hello.c\n\t$(CC) $(CFLAGS) -c hello.c\n"
+        sha = _source(project, "hello", "1.0", {"hello.c": HELLO_C, "Makefile": makefile})
+        project.recipe("hello", _recipe("hello", sha, HELLO_RECIPE))
+        monkeypatch.setenv("CCACHE_DIR", str(tmp_path / "worker-1"))
+        _build(project, toolchain, "hello-1.0")
+        assert _CacheServer.blobs, "the first build stored its result remotely"
+        # Another worker (empty local cache) gets the compile result from the shared storage.
+        monkeypatch.setenv("CCACHE_DIR", str(tmp_path / "worker-2"))
+        _, messages = _build(project, toolchain, "hello-1.0", force=True)
+        assert any("ccache: 1 of 1 compilations from the cache (100.0%)" in m for m in messages), messages
+    finally:
+        server.shutdown()
+        server.server_close()
