@@ -66,13 +66,12 @@ class Counts:
 
 
 def prepare_tree(package: Package, config: Config, log: Log) -> Path:
-    """A pristine source tree for the tests (the sources are verified like any build's)."""
+    """A pristine source tree for the tests, extracted afresh for every run: tests leave files and
+    directories behind when they fail, and those make the next run's tests fail (natively too)."""
     tree = config.outputs / ".conformance" / package.target / "src"
-    if (tree / "run-tests.php").exists():
-        return tree
     fetched = fetch_sources(package.sources, config, log=log)
-    if tree.parent.exists():
-        shutil.rmtree(tree.parent)
+    if tree.exists():
+        shutil.rmtree(tree)
     extract_archive(fetched.path, tree)
     return tree
 
