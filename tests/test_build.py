@@ -192,6 +192,38 @@ def test_compile_failure_shows_log_tail_and_path_and_leaves_no_output(project, t
     assert not (project.config.outputs / "hello" / "1.0").exists()
 
 
+GENERATED_RECIPE = """\
+    build:
+      system: make
+      host_packages: [sed]
+      pre_configure:
+        - sed 's/@WHO@/generated/' hello.c.in > hello.c
+      make: [hello]
+      install: []
+    outputs:
+      hello: hello
+    tests:
+      - run: [hello]
+        stdout: "hello generated\\n"
+    """
+
+
+def test_pre_configure_generates_sources_with_a_host_tool(project, toolchain):
+    template = HELLO_C.replace('"world"', '"@WHO@"')
+    sha = _source(project, "hello", "1.0", {"hello.c.in": template, "Makefile": MAKEFILE})
+    project.recipe("hello", _recipe("hello", sha, GENERATED_RECIPE))
+    results, _ = _build(project, toolchain, "hello-1.0")
+    assert all(t["passed"] for t in read_manifest(results[-1].output)["tests"])
+    assert "pre_configure-1" in {s["name"] for s in read_manifest(results[-1].output)["steps"]}
+
+    project.recipe("hello", _recipe("hello", sha, GENERATED_RECIPE.replace("sed 's/", "no-such-generator 's/")))
+    with pytest.raises(BuildError) as info:
+        _build(project, toolchain, "hello-1.0")
+    assert "pre_configure-1 step of hello-1.0 failed" in info.value.what
+    assert info.value.where.endswith("hello.yaml:14")  # the pre_configure command
+    assert "no-such-generator: command not found" in info.value.details
+
+
 def test_patch_failure_names_the_patch_and_the_next_build_starts_clean(project, toolchain):
     sha = _source(project, "hello", "1.0", {"hello.c": HELLO_C, "Makefile": MAKEFILE})
     recipe = _recipe("hello", sha, HELLO_RECIPE, extra_version='    patches: "1"')

@@ -203,3 +203,19 @@ def test_wasmforge_run_launcher_starts_precompiled_modules_without_python(module
     assert result.returncode == 3 and "compiling" in result.stderr
     sjlj = subprocess.run([launcher, str(modules["sjlj"])], capture_output=True, text=True)
     assert sjlj.stdout == "longjmp gave 42\n" and sjlj.returncode == 0
+
+
+def test_wasmforge_run_is_relinked_when_the_wasmtime_library_moves(tmp_path):
+    # A recreated virtualenv moves _libwasmtime.so; a launcher linked against the old path would not
+    # start ("cannot open shared object file"), so it is rebuilt.
+    from wasmforge.run import build_launcher
+
+    launcher = build_launcher(tmp_path)
+    recorded = launcher.with_name(launcher.name + ".library")
+    assert Path(recorded.read_text()).exists()
+    recorded.write_text("/gone/.venv/lib/wasmtime/linux-x86_64/_libwasmtime.so")
+    before = launcher.stat().st_ino
+    again = build_launcher(tmp_path)
+    assert again == launcher and launcher.stat().st_ino != before
+    assert Path(recorded.read_text()).exists()
+    assert subprocess.run([launcher], capture_output=True, text=True).returncode == 2  # usage, not a loader error

@@ -216,6 +216,9 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     # Installs run one job at a time: many projects' install rules race when run in parallel.
     install_env = {k: v for k, v in env.items() if k != "MAKEFLAGS"}
     steps: list[Step] = []
+    for i, line in enumerate(ctx.render(("pre_configure",), build.get("pre_configure", []))):
+        steps.append(Step(f"pre_configure-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), ctx.src, env,
+                          ("build", "pre_configure", i)))
     if system == "autotools":
         cross = [] if ctx.package.native else [f"--host={TARGET}", f"--build={_build_triple()}"]
         configure = [str(ctx.src / "configure"), *cross, f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]

@@ -50,7 +50,7 @@ from .runtime import Runner
 from .smoke import TestOutcome, run_smoke_tests
 from .sources import FetchedSource, extract_archive, fetch_sources
 from .store import ArtifactStore, differences, exclusive_lock, file_record
-from .toolchain import HostToolchain, Toolchain
+from .toolchain import HostToolchain, Toolchain, ensure_host_packages
 
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
@@ -248,6 +248,7 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
             log(f"{package.target}: up to date (stored build {key[:12]}, {final} -> {entry})")
             return BuildResult(package.target, final, entry, key, True, time.perf_counter() - start)
         log(f"{package.target}: building")
+        ensure_host_packages(package.build.get("host_packages", []), why=f"the build of {package.target}", log=log)
         work = config.outputs / ".work" / package.target
         if work.exists():
             shutil.rmtree(work)

@@ -419,6 +419,11 @@ _build_fields: dict[str, Check] = {
     "cflags": _list_of(_is_str),
     "ldflags": _list_of(_is_str),
     "libs": _list_of(_is_str),
+    # Shell commands run in the source tree after the patches, before configure (e.g. to
+    # regenerate sources with a host tool).
+    "pre_configure": _list_of(_is_str),
+    # Debian packages whose programs the build runs (installed when missing, as root).
+    "host_packages": _list_of(_is_str),
     "configure": _list_of(_is_str),
     "make": _list_of(_is_str),
     "install": _list_of(_is_str),

@@ -30,16 +30,21 @@ def build_launcher(cache_dir: Path) -> Path:
     if not compiler:
         raise ToolchainError("building wasmforge-run needs a C compiler", hint="apt-get install gcc")
     launcher = cache_dir / "bin" / f"wasmforge-run-wasmtime-{wasmtime_version()}"
-    if launcher.exists() and launcher.stat().st_mtime >= LAUNCHER_SOURCE.stat().st_mtime:
+    library = libraries[0]
+    # The launcher finds the library by its absolute path (rpath): a recreated virtualenv moves it,
+    # so the path it was linked against is kept beside it and a change relinks it.
+    linked_against = launcher.with_name(launcher.name + ".library")
+    if (launcher.exists() and launcher.stat().st_mtime >= LAUNCHER_SOURCE.stat().st_mtime
+            and linked_against.exists() and linked_against.read_text() == str(library)):
         return launcher
     launcher.parent.mkdir(parents=True, exist_ok=True)
     tmp = launcher.with_name(launcher.name + ".tmp")
-    library = libraries[0]
     result = subprocess.run([compiler, "-O2", "-Wall", "-o", str(tmp), str(LAUNCHER_SOURCE), f"-L{library.parent}",
                              f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"], capture_output=True, text=True)
     if result.returncode != 0:
         raise ToolchainError("could not compile wasmforge-run", details=result.stderr[-2000:])
     tmp.replace(launcher)
+    linked_against.write_text(str(library))
     return launcher
 
 
