@@ -213,8 +213,9 @@ def test_pre_configure_generates_sources_with_a_host_tool(project, toolchain):
     sha = _source(project, "hello", "1.0", {"hello.c.in": template, "Makefile": MAKEFILE})
     project.recipe("hello", _recipe("hello", sha, GENERATED_RECIPE))
     results, _ = _build(project, toolchain, "hello-1.0")
-    assert all(t["passed"] for t in read_manifest(results[-1].output)["tests"])
-    assert "pre_configure-1" in {s["name"] for s in read_manifest(results[-1].output)["steps"]}
+    manifest = read_manifest(results[-1].output)
+    assert all(t["passed"] for t in manifest["tests"])
+    assert "pre_configure-1" in {s["name"] for s in manifest["steps"]}
 
     project.recipe("hello", _recipe("hello", sha, GENERATED_RECIPE.replace("sed 's/", "no-such-generator 's/")))
     with pytest.raises(BuildError) as info:

@@ -216,9 +216,8 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     # Installs run one job at a time: many projects' install rules race when run in parallel.
     install_env = {k: v for k, v in env.items() if k != "MAKEFLAGS"}
     steps: list[Step] = []
-    for i, line in enumerate(ctx.render(("pre_configure",), build.get("pre_configure", []))):
-        steps.append(Step(f"pre_configure-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), ctx.src, env,
-                          ("build", "pre_configure", i)))
+    steps += shell_steps("pre_configure", ctx.render(("pre_configure",), build.get("pre_configure", [])), ctx.src, env,
+                         ("build", "pre_configure"))
     if system == "autotools":
         cross = [] if ctx.package.native else [f"--host={TARGET}", f"--build={_build_triple()}"]
         configure = [str(ctx.src / "configure"), *cross, f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
@@ -245,11 +244,18 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
                        ctx.src, env,
                        ("build", "make")),
                   Step("install", ("cmake", "--install", str(build_dir)), ctx.src, install_env, ("build", "install"))]
-    if "script" in build:
-        for i, line in enumerate(ctx.render(("script",), build["script"])):
-            steps.append(Step(f"script-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), bdir, env,
-                              ("build", "script", i)))
+    steps += shell_steps("script", ctx.render(("script",), build.get("script", [])), bdir, env, ("build", "script"))
     return steps
+
+
+def shell_steps(name: str, lines: list[str] | tuple[str, ...], cwd: Path, env: Mapping[str, str],
+                origin: tuple[str | int, ...], *, per_line_origin: bool = True) -> list[Step]:
+    """One step per shell command (bash, stopping at the first failing command of a line), named
+    name-1, name-2, ...; a failure points at its own line of the recipe list unless the list has no
+    lines of its own to point at (`per_line_origin=False`)."""
+    return [Step(f"{name}-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), cwd, env,
+                 (*origin, i) if per_line_origin else origin)
+            for i, line in enumerate(lines)]
 
 
 SYSTEM_CONFIG_SCRIPTS = Path("/usr/share/misc")

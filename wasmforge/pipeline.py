@@ -33,6 +33,7 @@ from .build import (
     read_ccache_stats,
     refresh_config_sub,
     run_steps,
+    shell_steps,
 )
 from .config import Config
 from .errors import BuildError, SmokeTestError, WasmforgeError
@@ -310,12 +311,9 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
 
 def _prepare(ctx: BuildContext, fetched: FetchedSource, log: Log) -> list[StepTiming]:
     """Host commands that bring an alternative source into the shape the build expects."""
-    from .build import Step
-
     env = {k: os.environ[k] for k in ("PATH", "HOME") if k in os.environ}
-    origin = ("versions", ctx.package.version)
-    steps = [Step(f"prepare-{i + 1}", ("bash", "-e", "-o", "pipefail", "-c", line), ctx.src, env, origin)
-             for i, line in enumerate(fetched.spec.prepare)]
+    steps = shell_steps("prepare", fetched.spec.prepare, ctx.src, env, ("versions", ctx.package.version),
+                        per_line_origin=False)
     log(f"  [{ctx.package.target}] preparing the source from {fetched.origin} on the host")
     return run_steps(ctx, steps, log=log, first_index=1)
 
