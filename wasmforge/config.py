@@ -7,6 +7,11 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import WasmforgeError
+
+# How long one file may take to download before it is given up on (WASMFORGE_DOWNLOAD_DEADLINE).
+DEFAULT_DOWNLOAD_DEADLINE = 1800.0
+
 
 def default_cache_dir() -> Path:
     if env := os.environ.get("WASMFORGE_CACHE"):
@@ -18,6 +23,20 @@ def default_cache_dir() -> Path:
 def project_root() -> Path:
     """The checkout that holds recipes/, patches/ and toolchain/."""
     return Path(__file__).resolve().parent.parent
+
+
+def positive_number(name: str, text: str | float | int, *, integer: bool = False, allow_zero: bool = False
+                    ) -> float:
+    """A command-line or environment number, refused with one message unless it is positive (and finite)."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise WasmforgeError(f"{name}: {text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < 0 or (value == 0 and not allow_zero):
+        raise WasmforgeError(f"{name}: {text!r} must be a positive number")
+    if integer and value != int(value):
+        raise WasmforgeError(f"{name}: {text!r} must be a whole number")
+    return value
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,8 @@ class Config:
     use_ccache: bool = True
     # Keep debug information in output modules (wasm-opt strips it otherwise).
     debug: bool = False
+    # Seconds one download may take in all (a trickling server is given up on).
+    download_deadline: float = DEFAULT_DOWNLOAD_DEADLINE
 
     def __post_init__(self) -> None:
         # Accept strings for paths (e.g. from the command line or a script).
@@ -58,6 +79,8 @@ class Config:
             values["use_debian_archive"] = False
         if os.environ.get("WASMFORGE_NO_CCACHE"):
             values["use_ccache"] = False
+        if deadline := os.environ.get("WASMFORGE_DOWNLOAD_DEADLINE"):
+            values["download_deadline"] = positive_number("WASMFORGE_DOWNLOAD_DEADLINE", deadline)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

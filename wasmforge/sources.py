@@ -3,32 +3,50 @@
 Look-up order for one pinned file (Spack's chain): the cache, each mirror, the upstream URL, then
 Debian's source archive when the recipe names a Debian source package. A recipe may list
 alternative files (each with its own sha256) for when the upstream file is unreachable, such as
-Debian's repacked tarballs. Nothing unverified ever enters the cache: downloads go to a temporary
-file in the cache directory and are renamed into place only after the checksum matched.
+Debian's repacked tarballs. Nothing unverified ever enters the cache: downloads and mirror copies
+are hashed while they are written to a temporary file in the cache directory, which is renamed into
+place only after the checksum matched; and the cache is hashed again at every use, so bytes that
+changed there are discarded, never built. Extraction is extract.py's.
 """
 
 from __future__ import annotations
 
+import email.utils
+import errno
 import hashlib
 import os
 import shutil
+import stat
 import sys
-import tarfile
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from datetime import UTC, datetime
+from pathlib import Path
 
 import requests
+import urllib3
 
+from .config import DEFAULT_DOWNLOAD_DEADLINE as DEFAULT_DEADLINE
 from .config import Config
 from .debian_archive import DebianArchive
 from .errors import SourceError
+from .extract import extract_archive
 from .recipe import SourceSpec
+
+__all__ = ["FetchedSource", "cache_path", "download_file", "extract_archive", "extract_source", "fetch_one",
+           "fetch_sources", "sha256_file"]
 
 Log = Callable[[str], None]
 CHUNK = 1 << 16
 USER_AGENT = "wasmforge (+source fetcher)"
+# A server that sends nothing for this long is given up on (the per-file deadline also applies).
+READ_TIMEOUT = 60.0
+# Server answers worth another try, after RETRY_PAUSE, 2 * RETRY_PAUSE, ... seconds (or Retry-After).
+RETRIED_STATUSES = (429, 500, 502, 503, 504)
+RETRY_PAUSE = 2.0
+MAX_RETRY_AFTER = 120.0
 
 
 @dataclass(frozen=True)
@@ -79,12 +97,26 @@ def fetch_one(spec: SourceSpec, config: Config, *, log: Log = print, progress: b
 def _try_spec(spec: SourceSpec, config: Config, *, log: Log, progress: bool, tried: list[str]) -> FetchedSource:
     name = spec.file_name()
     cached = cache_path(config, spec.sha256, name)
-    if cached.exists():
-        return FetchedSource(cached, spec, "cache")
+    if cached.is_file() and not cached.is_symlink():
+        # The cache is re-hashed at every use: bytes that changed since they were verified are
+        # never built (and never stored under the genuine key).
+        actual = sha256_file(cached)
+        if actual == spec.sha256:
+            return FetchedSource(cached, spec, "cache")
+        log(f"source cache: {cached} does not match its sha256 any more (it has {actual}); discarding it")
+        cached.unlink()
+    elif cached.is_symlink() or cached.exists():
+        log(f"source cache: {cached} is not a regular file; discarding it")
+        if cached.is_dir() and not cached.is_symlink():
+            shutil.rmtree(cached)
+        else:
+            cached.unlink()
+    deadline = config.download_deadline
     for mirror in config.mirrors:
         try:
             if "://" in mirror:
-                _download(f"{mirror.rstrip('/')}/{name}", spec.sha256, cached, log=log, progress=progress)
+                _download(f"{mirror.rstrip('/')}/{name}", spec.sha256, cached, log=log, progress=progress,
+                          deadline=deadline)
             else:
                 _copy_verified(Path(mirror) / name, spec.sha256, cached)
             log(f"fetched {name} from mirror {mirror}")
@@ -93,7 +125,7 @@ def _try_spec(spec: SourceSpec, config: Config, *, log: Log, progress: bool, tri
             tried.append(f"mirror {mirror}: {miss}")
     if spec.url:
         try:
-            _download(spec.url, spec.sha256, cached, log=log, progress=progress)
+            _download(spec.url, spec.sha256, cached, log=log, progress=progress, deadline=deadline)
             return FetchedSource(cached, spec, spec.url)
         except _Miss as miss:
             tried.append(f"{spec.url}: {miss}")
@@ -107,7 +139,8 @@ def _try_spec(spec: SourceSpec, config: Config, *, log: Log, progress: bool, tri
                 have = ", ".join(f"{f.name} ({f.sha256[:12]}...)" for f in files if ".orig." in f.name)
                 raise _Miss(f"no file with this sha256 there (it has: {have or 'no orig tarball'})")
             log(f"taking {match.name} from {where} (sha256 pinned by the recipe)")
-            _download(match.url, spec.sha256, cached, log=log, progress=progress, label=match.name)
+            _download(match.url, spec.sha256, cached, log=log, progress=progress, label=match.name,
+                      deadline=deadline)
             return FetchedSource(cached, spec, where)
         except SourceError as exc:
             tried.append(f"{where}: {exc.what}")
@@ -117,94 +150,163 @@ def _try_spec(spec: SourceSpec, config: Config, *, log: Log, progress: bool, tri
 
 
 def _copy_verified(src: Path, sha256: str, dest: Path) -> None:
-    if not src.is_file():
-        raise _Miss("not there")
-    actual = sha256_file(src)
-    if actual != sha256:
-        raise _Miss(f"checksum mismatch: expected {sha256}, the file has {actual}; not used")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
-    os.close(fd)
+    """Copy a mirror's file into the cache, hashing the very bytes copied (never hash, then re-read)."""
     try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
+        handle = src.open("rb")
+    except FileNotFoundError:
+        raise _Miss("not there") from None
+    except OSError as exc:
+        raise _Miss(f"cannot read it ({exc.strerror})") from None
+    with handle:
+        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+            raise _Miss("not a regular file")
+        _write_verified(dest, sha256, iter(lambda: handle.read(CHUNK), b""))
+
+
+def _write_verified(dest: Path, sha256: str, chunks: Iterable[bytes], on_chunk: Callable[[int], None] | None = None
+                    ) -> int:
+    """Write `chunks` to a temporary file beside `dest`, hashing them; rename it to `dest` only when the
+    sha256 matches. Returns the byte count; raises _Miss on a mismatch (and keeps nothing)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
+    digest = hashlib.sha256()
+    received = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for chunk in chunks:
+                out.write(chunk)
+                digest.update(chunk)
+                received += len(chunk)
+                if on_chunk:
+                    on_chunk(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        actual = digest.hexdigest()
+        if actual != sha256:
+            raise _Miss(f"checksum mismatch: expected {sha256}, got {actual}; the file was discarded")
+        os.replace(tmp_name, dest)
+        return received
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            raise SourceError(f"cannot write {dest}: {exc.strerror}",
+                              hint="free some space or make the cache writable (WASMFORGE_CACHE)") from None
+        raise
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
 
 
 def download_file(url: str, sha256: str, dest: Path, *, log: Log = print, progress: bool = True,
-                  label: str | None = None) -> None:
+                  label: str | None = None, deadline: float = DEFAULT_DEADLINE) -> None:
     """Download `url` to `dest`, atomically and verified; raise SourceError on failure."""
     try:
-        _download(url, sha256, dest, log=log, progress=progress, label=label)
+        _download(url, sha256, dest, log=log, progress=progress, label=label, deadline=deadline)
     except _Miss as miss:
         raise SourceError(f"could not download {url}: {miss}") from None
 
 
 def _download(url: str, sha256: str, dest: Path, *, log: Log, progress: bool, label: str | None = None,
-              attempts: int = 3) -> None:
+              attempts: int = 3, deadline: float = DEFAULT_DEADLINE) -> None:
+    """Up to `attempts` tries: a broken connection or a server error (5xx, 429) is retried after a
+    growing pause (the server's Retry-After when it gives one); a wrong checksum, a 404 or a server too
+    slow to finish within `deadline` seconds is not."""
     last = ""
     for attempt in range(1, attempts + 1):
         try:
-            _download_once(url, sha256, dest, progress=progress, label=label or dest.name)
+            _download_once(url, sha256, dest, progress=progress, label=label or dest.name, deadline=deadline)
             return
         except _Transient as exc:
             last = str(exc)
             if attempt < attempts:
-                log(f"download of {label or dest.name} interrupted ({last}); retrying ({attempt}/{attempts - 1})")
+                pause = exc.retry_after if exc.retry_after is not None else RETRY_PAUSE * 2 ** (attempt - 1)
+                log(f"download of {label or dest.name} failed ({last}); retrying in {pause:g} s "
+                    f"({attempt}/{attempts - 1})")
+                time.sleep(pause)
     raise _Miss(f"{last} (after {attempts} attempts)")
 
 
 class _Transient(Exception):
-    """A failure worth retrying: the connection broke midway."""
+    """A failure worth retrying: the connection broke midway, or the server said to come back."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
-def _download_once(url: str, sha256: str, dest: Path, *, progress: bool, label: str) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
-    tmp = Path(tmp_name)
+def _download_once(url: str, sha256: str, dest: Path, *, progress: bool, label: str, deadline: float) -> None:
+    started = time.monotonic()
     try:
+        # Identity encoding: we verify and keep the bytes of the file itself, never a re-encoding
+        # (a .tar.gz served with Content-Encoding: gzip must not be unpacked on the way).
+        response = requests.get(url, stream=True, timeout=(15, min(READ_TIMEOUT, deadline)),
+                                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+    except requests.ConnectionError as exc:
+        raise _Miss(f"cannot connect ({_reason(exc)})") from None
+    except requests.RequestException as exc:
+        raise _Miss(f"request failed ({_reason(exc)})") from None
+    with response:
+        if response.status_code in RETRIED_STATUSES:
+            raise _Transient(f"HTTP {response.status_code}", _retry_after(response.headers.get("Retry-After")))
+        if response.status_code != 200:
+            raise _Miss(f"HTTP {response.status_code}")
+        expected = _content_length(response.headers.get("Content-Length"))
+        bar = _progress_bar(label, expected) if progress else None
+        received = 0
+
+        def chunks() -> Iterator[bytes]:
+            nonlocal received
+            while True:
+                if time.monotonic() - started > deadline:
+                    raise _Miss(f"gave up after {deadline:g} s (the deadline for one file); "
+                                f"{received} bytes had arrived")
+                try:
+                    # read1: at most one read from the socket, so a trickling server cannot keep us
+                    # inside one call past the deadline.
+                    chunk = response.raw.read1(CHUNK, decode_content=False)
+                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
+                    raise _Transient(f"connection broke after {received} bytes ({_reason(exc)})") from None
+                if not chunk:
+                    return
+                received += len(chunk)
+                if expected is not None and received > expected:
+                    raise _Transient(f"the server sent more than the {expected} bytes it announced")
+                yield chunk
+
         try:
-            response = requests.get(url, stream=True, timeout=(15, 60), headers={"User-Agent": USER_AGENT})
-        except requests.ConnectionError as exc:
-            raise _Miss(f"cannot connect ({_reason(exc)})") from None
-        except requests.RequestException as exc:
-            raise _Miss(f"request failed ({_reason(exc)})") from None
-        with response:
-            if response.status_code != 200:
-                raise _Miss(f"HTTP {response.status_code}")
-            expected = int(response.headers.get("Content-Length") or 0) or None
-            digest = hashlib.sha256()
-            received = 0
-            bar = _progress_bar(label, expected) if progress else None
             try:
-                with os.fdopen(fd, "wb") as out:
-                    fd = -1
-                    for chunk in response.iter_content(CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        received += len(chunk)
-                        if bar:
-                            bar.update(len(chunk))
-                    out.flush()
-                    os.fsync(out.fileno())
-            except (requests.RequestException, OSError) as exc:
-                raise _Transient(f"connection broke after {received} bytes ({_reason(exc)})") from None
-            finally:
-                if bar:
-                    bar.close()
-        if expected is not None and received != expected:
-            raise _Transient(f"got {received} of {expected} bytes")
-        actual = digest.hexdigest()
-        if actual != sha256:
-            raise _Miss(f"checksum mismatch: expected {sha256}, got {actual}; the file was discarded")
-        os.replace(tmp, dest)
-    finally:
-        if fd >= 0:
-            os.close(fd)
-        if tmp.exists():
-            tmp.unlink()
+                _write_verified(dest, sha256, chunks(), on_chunk=bar.update if bar else None)
+            except _Miss as miss:
+                if expected is not None and received != expected and "checksum" in str(miss):
+                    raise _Transient(f"got {received} of {expected} bytes") from None
+                raise
+        finally:
+            if bar:
+                bar.close()
+
+
+def _content_length(value: str | None) -> int | None:
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isdigit():
+        raise _Miss(f"the server sent a malformed Content-Length ({value[:40]!r})")
+    return int(value)
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds (a number or an HTTP date), capped; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, min((when - datetime.now(UTC)).total_seconds(), MAX_RETRY_AFTER))
 
 
 def _reason(exc: BaseException) -> str:
@@ -225,60 +327,6 @@ def _progress_bar(label: str, total: int | None):  # type: ignore[no-untyped-def
 
 # ----------------------------------------------------------------------------- extraction
 
-def extract_archive(archive: Path, dest: Path) -> Path:
-    """Extract a tarball into `dest` (which must not exist), dropping a single top directory.
-
-    Refuses absolute paths, `..`, links that point outside the tree, and device files, naming the
-    offending member. On any failure nothing is left at `dest`.
-    """
-    if dest.exists():
-        raise SourceError(f"refusing to extract into existing directory {dest}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-extract-"))
-    try:
-        try:
-            with tarfile.open(archive) as tar:
-                members = tar.getmembers()
-                for member in members:
-                    _check_member(archive, member)
-                tar.extractall(staging, members=members, filter="data")
-        except tarfile.TarError as exc:
-            raise SourceError(f"cannot extract {archive.name}: {exc}", where=str(archive),
-                              hint="the file is damaged or not a tarball; delete it from the cache and fetch again") from None
-        entries = list(staging.iterdir())
-        root = entries[0] if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink() else staging
-        if root is staging:
-            os.replace(staging, dest)
-        else:
-            os.replace(root, dest)
-            staging.rmdir()
-        return dest
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-
-
-def _check_member(archive: Path, member: tarfile.TarInfo) -> None:
-    name = member.name
-    path = PurePosixPath(name)
-
-    def refuse(why: str) -> SourceError:
-        return SourceError(f"unsafe archive member {name!r}: {why}", where=str(archive),
-                           hint="the archive is not safe to extract; nothing was extracted")
-
-    if path.is_absolute() or name.startswith("/"):
-        raise refuse("absolute path")
-    if ".." in path.parts:
-        raise refuse("path contains '..'")
-    if member.ischr() or member.isblk() or member.isfifo() or member.isdev():
-        raise refuse("device or fifo")
-    if member.issym() or member.islnk():
-        target = PurePosixPath(member.linkname)
-        if target.is_absolute():
-            raise refuse(f"link to absolute path {member.linkname!r}")
-        base = path.parent if member.issym() else PurePosixPath()
-        depth = 0
-        for part in (base / target).parts:
-            depth += -1 if part == ".." else (0 if part == "." else 1)
-            if depth < 0:
-                raise refuse(f"link {member.linkname!r} points outside the tree")
+def extract_source(fetched: FetchedSource, dest: Path) -> Path:
+    """Extract a fetched source with the limits its recipe gives (see extract.py)."""
+    return extract_archive(fetched.path, dest, fetched.spec.extract_limits())

@@ -32,7 +32,7 @@ from .config import Config
 from .debian_archive import DebianArchive
 from .errors import SourceError, ToolchainError
 from .recipe import SourceSpec
-from .sources import download_file, extract_archive, fetch_one
+from .sources import download_file, extract_archive, extract_source, fetch_one, sha256_file
 
 TARGET = "wasm32-wasip1"
 # Flags that turn on real setjmp/longjmp through WebAssembly exception handling (exnref encoding).
@@ -330,7 +330,7 @@ def install_sdk(config: Config, *, spec: SourceSpec | None = None, log: Log = pr
         fetched = fetch_one(spec, config, log=log)
         if root.exists():
             shutil.rmtree(root)
-        extract_archive(fetched.path, root)
+        extract_source(fetched, root)
     return _make(config, "wasi-sdk", root, f"the pinned WASI SDK is installed in {root}")
 
 
@@ -346,9 +346,12 @@ def install_debian(config: Config, *, log: Log = print) -> Toolchain:
     if (root / IDENTITY_FILE).exists():
         return _make(config, "debian", root, f"assembled from Debian packages in {root}")
     deb_path = config.cache_dir / "debs" / deb.name
+    if deb_path.is_file() and sha256_file(deb_path) != deb.sha256:
+        log(f"{deb_path} does not match Debian's sha256 any more; fetching it again")
+        deb_path.unlink()
     if not deb_path.exists():
         log(f"downloading {deb.name} ({libc_pin['suite']}) from Debian's archive")
-        download_file(deb.url, deb.sha256, deb_path, log=log)
+        download_file(deb.url, deb.sha256, deb_path, log=log, deadline=config.download_deadline)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".assemble-"))
     try:

@@ -1,0 +1,244 @@
+"""Extract a tarball so that nothing it contains can reach outside the directory it is extracted into.
+
+We do not rely on `tarfile`'s extraction filters: Debian 12's Python (3.11.2) has none, and filters
+that judge a link by its target *string* have been fooled by chains of links (CVE-2025-4517). Instead
+each member's final place is decided against what is already on disk in our private staging tree:
+
+- a member's parent directories are resolved by following the links already extracted, one component
+  at a time (readlink, never realpath, so a path too long to resolve is refused, not cut short), and
+  the result must stay inside the tree; files are created with O_EXCL|O_NOFOLLOW in that directory;
+- after every symbolic link is created, every link extracted so far is resolved again, so a later
+  link cannot turn an earlier, harmless one into an exit;
+- a hard link may only copy a regular file that was already extracted inside the tree;
+- a path that is both a file and a directory, or that appears twice, is refused; so are devices and
+  FIFOs, absolute names and `..`;
+- the bytes written and the number of members are capped (a recipe can raise the caps).
+
+Every failure is one SourceError naming the archive and the member; the staging tree is removed, so a
+refused archive leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import lzma
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from .errors import SourceError
+
+CHUNK = 1 << 20
+MAX_LINK_HOPS = 40
+
+
+@dataclass(frozen=True)
+class ExtractLimits:
+    """Caps on what one archive may unpack to; generous, and raised per source in a recipe."""
+
+    max_bytes: int = 8 << 30
+    max_members: int = 250_000
+
+
+class _Refused(Exception):
+    """A member that must not be extracted; turned into a SourceError that names it."""
+
+
+def extract_archive(archive: Path, dest: Path, limits: ExtractLimits | None = None) -> Path:
+    """Extract a tarball into `dest` (which must not exist), dropping a single top directory."""
+    limits = limits or ExtractLimits()
+    if dest.exists() or dest.is_symlink():
+        raise SourceError(f"refusing to extract into existing directory {dest}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-extract-"))
+    member_name = None
+    try:
+        try:
+            tree = _Tree(staging, limits)
+            with tarfile.open(archive) as tar:
+                for member in tar:
+                    member_name = member.name
+                    tree.add(tar, member)
+            tree.finish()
+        except _Refused as exc:
+            raise SourceError(f"unsafe archive member {member_name!r}: {exc}", where=str(archive),
+                              hint="the archive is not safe to extract; nothing was extracted") from None
+        except (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+            at = f" (at member {member_name!r})" if member_name else ""
+            raise SourceError(f"cannot extract {archive.name}{at}: {exc or type(exc).__name__}", where=str(archive),
+                              hint="the file is damaged or not a tarball; delete it from the cache and fetch again"
+                              ) from None
+        except OSError as exc:
+            at = f" at member {member_name!r}" if member_name else ""
+            raise SourceError(f"cannot extract {archive.name}{at}: {exc.strerror or exc}", where=str(archive),
+                              hint="free some space" if exc.errno == errno.ENOSPC else None) from None
+        entries = list(staging.iterdir())
+        single = len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink()
+        if single:
+            os.replace(entries[0], dest)
+            staging.rmdir()
+        else:
+            os.replace(staging, dest)
+        return dest
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+class _Tree:
+    """The staging tree, and what has been put into it so far."""
+
+    def __init__(self, root: Path, limits: ExtractLimits) -> None:
+        self.root = root
+        self.limits = limits
+        self.members = 0
+        self.written = 0
+        self.links: list[tuple[str, ...]] = []
+        self.dir_times: list[tuple[Path, float]] = []
+
+    def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
+        self.members += 1
+        if self.members > self.limits.max_members:
+            raise _Refused(f"the archive has more than {self.limits.max_members} members "
+                           "(raise source.extract.max_members in the recipe if this is expected)")
+        parts = _parts(member.name)
+        if not parts:
+            if member.isdir():
+                return  # "./": the tree itself
+            raise _Refused("empty name")
+        parent = self._directory(parts[:-1])
+        final = parent / parts[-1]
+        if member.isdir():
+            if final.is_dir() and not final.is_symlink():
+                return
+            self._must_be_new(final)
+            final.mkdir(mode=0o755)
+            self.dir_times.append((final, member.mtime))
+        elif member.isreg():
+            self._must_be_new(final)
+            source = tar.extractfile(member)
+            if source is None:
+                raise _Refused("has no data")
+            self._write(final, source, member.mode, member.mtime)
+        elif member.issym():
+            self._must_be_new(final)
+            if PurePosixPath(member.linkname).is_absolute() or not member.linkname:
+                raise _Refused(f"link to absolute path {member.linkname!r}")
+            os.symlink(member.linkname, final)
+            self.links.append(tuple(final.relative_to(self.root).parts))
+            for link in self.links:  # a new link can change where an older one leads
+                self._check_link(link)
+        elif member.islnk():
+            self._must_be_new(final)
+            if PurePosixPath(member.linkname).is_absolute():
+                raise _Refused(f"hard link to absolute path {member.linkname!r}")
+            target = self._resolve(tuple(member.linkname.split("/")), follow_last=True)
+            if target is None:
+                raise _Refused(f"hard link to {member.linkname!r} points outside the tree")
+            path = self.root.joinpath(*target)
+            try:
+                info = os.lstat(path)
+            except FileNotFoundError:
+                raise _Refused(f"hard link to {member.linkname!r}, which is not (yet) in the archive") from None
+            if not stat.S_ISREG(info.st_mode):
+                raise _Refused(f"hard link to {member.linkname!r}, which is not a regular file")
+            with open(path, "rb") as source:
+                self._write(final, source, info.st_mode, member.mtime)
+        else:
+            raise _Refused("device, FIFO or other special file")
+
+    def finish(self) -> None:
+        for link in self.links:
+            self._check_link(link)
+        for path, mtime in reversed(self.dir_times):  # files added to a directory change its time
+            os.utime(path, (mtime, mtime), follow_symlinks=False)
+
+    def _must_be_new(self, path: Path) -> None:
+        if os.path.lexists(path):
+            kind = "a directory" if path.is_dir() and not path.is_symlink() else "a file or link"
+            raise _Refused(f"appears twice in the archive (already extracted as {kind})")
+
+    def _directory(self, parts: tuple[str, ...]) -> Path:
+        """The real directory for `parts`, made as needed, reached only through links inside the tree."""
+        resolved = self._resolve(parts, follow_last=True)
+        if resolved is None:
+            raise _Refused("its directory leads outside the tree through a link")
+        path = self.root
+        for part in resolved:
+            path = path / part
+            try:
+                path.mkdir(mode=0o755)
+            except FileExistsError:
+                if not path.is_dir() or path.is_symlink():
+                    raise _Refused(f"{'/'.join(resolved)} is both a file and a directory") from None
+            except NotADirectoryError:
+                raise _Refused(f"{'/'.join(resolved)} is both a file and a directory") from None
+        return path
+
+    def _resolve(self, parts: tuple[str, ...], *, follow_last: bool) -> tuple[str, ...] | None:
+        """Where `parts` lead inside the tree, following extracted links; None when they leave it."""
+        done: list[str] = []
+        todo = list(parts)
+        hops = 0
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                if not done:
+                    return None
+                done.pop()
+                continue
+            candidate = self.root.joinpath(*done, part)
+            try:
+                is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
+            except FileNotFoundError:
+                is_link = False
+            except OSError as exc:  # a name too long, a loop: never guess
+                raise _Refused(f"cannot be resolved ({exc.strerror})") from None
+            if is_link and (todo or follow_last):
+                hops += 1
+                if hops > MAX_LINK_HOPS:
+                    raise _Refused("too many levels of links")
+                target = os.readlink(candidate)
+                if target.startswith("/"):
+                    return None
+                todo = target.split("/") + todo
+                continue
+            done.append(part)
+        return tuple(done)
+
+    def _check_link(self, link: tuple[str, ...]) -> None:
+        if self._resolve(link, follow_last=True) is None:
+            target = os.readlink(self.root.joinpath(*link))
+            raise _Refused(f"link {'/'.join(link)} -> {target!r} points outside the tree")
+
+    def _write(self, path: Path, source, mode: int, mtime: float) -> None:  # type: ignore[no-untyped-def]
+        # Owner read/write always; executable bits kept; no setuid, setgid, sticky or group/other write.
+        mode = (mode & 0o755) | 0o600
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as out:
+            while chunk := source.read(CHUNK):
+                self.written += len(chunk)
+                if self.written > self.limits.max_bytes:
+                    raise _Refused(f"the archive unpacks to more than {self.limits.max_bytes >> 20} MiB "
+                                   "(raise source.extract.max_mib in the recipe if this is expected)")
+                out.write(chunk)
+        os.chmod(path, mode)  # umask may have removed bits
+        os.utime(path, (mtime, mtime))
+
+
+def _parts(name: str) -> tuple[str, ...]:
+    if "\0" in name:
+        raise _Refused("NUL in its name")
+    if name.startswith("/") or PurePosixPath(name).is_absolute():
+        raise _Refused("absolute path")
+    parts = tuple(p for p in name.split("/") if p not in ("", "."))
+    if ".." in parts:
+        raise _Refused("path contains '..'")
+    return parts
