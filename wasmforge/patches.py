@@ -39,7 +39,20 @@ def patch_series(patches_dir: Path, package: str, series: str | None, *, where: 
     if not directory.is_dir():
         raise RecipeError(f"patch series {series!r} not found: no directory {directory}", where=where,
                           hint=f"create {directory}/0001-what-it-does.patch or fix the version's 'patches' key")
-    return [Patch(p, hashlib.sha256(p.read_bytes()).hexdigest()) for p in sorted(directory.glob("*.patch"))]
+    patches = []
+    for path in sorted(directory.iterdir()):
+        if path.name.startswith(".") and path.is_file():
+            continue  # an editor's swap or backup file
+        if not path.name.endswith(".patch") or not path.is_file() or path.is_symlink():
+            raise PatchError(f"{path.name} in the patch series {series!r} is not a patch file",
+                             where=str(path),
+                             hint="a series directory holds only NNNN-title.patch files; move other files elsewhere")
+        data = path.read_bytes()
+        if not any(line.startswith(b"@@") for line in data.splitlines()):
+            raise PatchError(f"patch {path.name} is empty (it has no hunk)", where=str(path),
+                             hint="remove the file, or write the change it is meant to make")
+        patches.append(Patch(path, hashlib.sha256(data).hexdigest()))
+    return patches
 
 
 def apply_series(tree: Path, patches: list[Patch], log_file: Path) -> None:

@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.sandbox
 
 from .errors import RecipeError
+from .extract import ExtractLimits
 from .yamlspans import KeyPath, SpannedDoc, load_spanned
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -25,13 +27,34 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(-[a-z][a-z0-9_]*)*$")
 BUILD_SYSTEMS = ("autotools", "make", "cmake", "script")
 CR_PLACEHOLDER = "\x00wasmforge-cr\x00"
 
-_jinja = jinja2.Environment(
+# A recipe may come from anywhere: its templates run in Jinja2's sandbox (no attribute of Python's
+# internals is reachable), see only our variables (no globals such as `range` or `lipsum`), and cannot
+# build huge values with `*` or `**`.
+MAX_TEMPLATE_VALUE = 1 << 20
+
+
+class _RecipeTemplates(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator, left, right):  # type: ignore[no-untyped-def,override]
+        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
+            raise jinja2.sandbox.SecurityError("exponent too large in a recipe template")
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, str | list | tuple) and isinstance(count, int) and \
+                        len(seq) * count > MAX_TEMPLATE_VALUE:
+                    raise jinja2.sandbox.SecurityError("value too large in a recipe template")
+        return super().call_binop(context, operator, left, right)
+
+
+_jinja = _RecipeTemplates(
     variable_start_string="${{",
     variable_end_string="}}",
     undefined=jinja2.StrictUndefined,
     autoescape=False,
     keep_trailing_newline=True,
 )
+_jinja.globals.clear()
 
 
 # ----------------------------------------------------------------------------- typed recipe parts
@@ -53,6 +76,15 @@ class SourceSpec:
     # Host commands run in the extracted tree to bring a differently shaped source (e.g. a full
     # source tree instead of an amalgamation) into the shape the build expects.
     prepare: tuple[str, ...] = ()
+    # Caps on extraction (`extract: {max_mib, max_members}`); None: the defaults of extract.py.
+    max_extract_mib: int | None = None
+    max_members: int | None = None
+
+    def extract_limits(self) -> ExtractLimits:
+        default = ExtractLimits()
+        return ExtractLimits(
+            max_bytes=self.max_extract_mib << 20 if self.max_extract_mib else default.max_bytes,
+            max_members=self.max_members or default.max_members)
 
     def file_name(self) -> str:
         if self.filename:
@@ -191,9 +223,17 @@ class Recipe:
             except jinja2.UndefinedError as exc:
                 names = ", ".join(sorted(context))
                 raise self.doc.error(path, f"template error: {exc.message}",
-                                     hint=f"variables available here: {names}") from exc
+                                     hint=f"variables available here: {names}") from None
+            except jinja2.TemplateSyntaxError as exc:
+                raise self.doc.error(path, f"template syntax error: {exc.message}") from None
+            except jinja2.sandbox.SecurityError as exc:
+                raise self.doc.error(path, f"template refused: {exc}",
+                                     hint="recipe templates see only the recipe's variables") from None
             except jinja2.TemplateError as exc:
-                raise self.doc.error(path, f"template error: {exc}") from exc
+                raise self.doc.error(path, f"template error: {exc}") from None
+            except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, RecursionError,
+                    MemoryError) as exc:
+                raise self.doc.error(path, f"template error: {type(exc).__name__}: {exc}") from None
         if isinstance(value, list):
             return [self.render_value(v, context, path + (i,)) for i, v in enumerate(value)]
         if isinstance(value, dict):
@@ -216,9 +256,10 @@ class Recipe:
 
         primary = self.render_value(dict(self.source), ctx, ("source",))
         primary["sha256"] = vspec["sha256"]
-        sources = [_source_spec(primary)]
+        sources = [self._source_spec(primary, ("source",))]
         for i, alt in enumerate(vspec.get("alternatives", [])):
-            sources.append(_source_spec(self.render_value(dict(alt), ctx, vpath + ("alternatives", i))))
+            apath = vpath + ("alternatives", i)
+            sources.append(self._source_spec(self.render_value(dict(alt), ctx, apath), apath))
 
         build = dict(self.build)
         if flavor:
@@ -248,6 +289,17 @@ class Recipe:
                      exit=int(s.get("exit", 0)))
             for s in steps_raw)
         fixtures = self.file.parent
+        checkout = fixtures.parent.resolve()
+        for guest, host in t.get("dirs", {}).items():
+            if Path(host).is_absolute() or not (fixtures / host).resolve().is_relative_to(checkout):
+                raise self.doc.error(path + ("dirs", guest), f"{host!r} is outside this checkout",
+                                     hint="smoke tests may preopen directories of the checkout only "
+                                          "(relative to the recipes directory)")
+        for key in ("scratch", "files"):
+            for name in t.get(key, {}):
+                parts = Path(name).parts
+                if not parts or Path(name).is_absolute() or ".." in parts:
+                    raise self.doc.error(path + (key, name), f"{name!r} must be a relative path inside /scratch")
         return SmokeTest(
             name=t.get("name") or " ".join(steps[0].run)[:60],
             steps=steps,
@@ -260,16 +312,30 @@ class Recipe:
         )
 
 
+    def _source_spec(self, raw: Mapping[str, Any], path: KeyPath) -> SourceSpec:
+        deb = raw.get("debian")
+        limits = raw.get("extract", {})
+        spec = SourceSpec(sha256=raw["sha256"], url=raw.get("url"), filename=raw.get("filename"),
+                          debian=DebianSource(deb["package"], deb["suite"]) if deb else None,
+                          prepare=tuple(raw.get("prepare", ())), max_extract_mib=limits.get("max_mib"),
+                          max_members=limits.get("max_members"))
+        # The name is a path component in the source cache and in mirrors: it must be a plain name.
+        name = spec.file_name()
+        if not is_plain_file_name(name):
+            key = "filename" if spec.filename else "url"
+            raise self.doc.error(path + (key,), f"the file name {name!r} is not a plain file name",
+                                 hint="a file name has no '/', is not '.' or '..' and does not start with '.'")
+        return spec
+
+
+def is_plain_file_name(name: str) -> bool:
+    return bool(name) and "/" not in name and "\\" not in name and "\0" not in name and not name.startswith(".") \
+        and len(name) <= 255 and name.isprintable()
+
+
 def _test_applies(raw: Mapping[str, Any], flavor: str | None) -> bool:
     flavors = raw.get("flavors")
     return flavors is None or (flavor or "default") in flavors
-
-
-def _source_spec(raw: Mapping[str, Any]) -> SourceSpec:
-    deb = raw.get("debian")
-    return SourceSpec(sha256=raw["sha256"], url=raw.get("url"), filename=raw.get("filename"),
-                      debian=DebianSource(deb["package"], deb["suite"]) if deb else None,
-                      prepare=tuple(raw.get("prepare", ())))
 
 
 def _expect(raw: Any) -> Expect | None:
@@ -319,6 +385,25 @@ def _is_int(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
 def _is_number(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
     if not isinstance(value, int | float) or isinstance(value, bool):
         raise doc.error(path, f"must be a number, not {type(value).__name__}")
+
+
+def _is_positive(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_number(doc, path, value)
+    if not 0 < value < float("inf"):
+        raise doc.error(path, f"must be a positive number, not {value!r}")
+
+
+def _is_positive_int(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_int(doc, path, value)
+    if value <= 0:
+        raise doc.error(path, f"must be a positive whole number, not {value!r}")
+
+
+def _is_file_name(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_str(doc, path, value)
+    if "${{" not in value and not is_plain_file_name(value):
+        raise doc.error(path, f"{value!r} is not a plain file name",
+                        hint="a file name has no '/', is not '.' or '..' and does not start with '.'")
 
 
 def _is_sha256(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
@@ -397,7 +482,9 @@ def _source_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
 
 
 _source_fields: dict[str, Check] = {
-    "url": _is_str, "filename": _is_str, "debian": _debian, "prepare": _list_of(_is_str),
+    "url": _is_str, "filename": _is_file_name, "debian": _debian, "prepare": _list_of(_is_str),
+    # Caps on what the archive may unpack to (defaults: 8 GiB, 250,000 members).
+    "extract": _record({"max_mib": _is_positive_int, "max_members": _is_positive_int}),
 }
 _source_check = _record(_source_fields, rule=_source_rule)
 _alternative_check = _record({**_source_fields, "sha256": _is_sha256}, required=("sha256",), rule=_source_rule)
@@ -454,7 +541,7 @@ def _test_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
 _test_check = _record(
     {**_step_fields, "name": _is_str, "steps": _list_of(_record(_step_fields, required=("run",))),
      "dirs": _map_of(_is_str), "env": _map_of(_is_scalar_arg), "scratch": _map_of(_is_str),
-     "files": _map_of(_expect_check), "timeout": _is_number, "flavors": _list_of(_is_str)},
+     "files": _map_of(_expect_check), "timeout": _is_positive, "flavors": _list_of(_is_str)},
     rule=_test_rule,
 )
 

@@ -51,11 +51,26 @@ class SpannedDoc:
         return RecipeError(f"{label}: {what}", where=where, hint=hint)
 
 
+# Limits for an untrusted recipe: nesting deeper than any real recipe, and a budget of values that
+# aliases cannot multiply past (a "billion laughs" document would otherwise hang every command).
+MAX_DEPTH = 40
+MAX_VALUES = 100_000
+# The tags of plain YAML data; anything else (!!python/..., !custom, !!binary, !!timestamp) is refused.
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
+
+
 def load_spanned(file: Path) -> SpannedDoc:
     try:
-        text = file.read_text(encoding="utf-8")
+        raw = file.read_bytes()
     except OSError as exc:
-        raise RecipeError(f"cannot read recipe: {exc.strerror}", where=str(file)) from exc
+        raise RecipeError(f"cannot read recipe: {exc.strerror}", where=str(file)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise RecipeError(f"the recipe is not UTF-8 text (byte 0x{raw[exc.start]:02x} cannot be decoded)",
+                          where=f"{file}:{line}", hint="save the file as UTF-8") from None
+    _check_depth(file, text)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as exc:
@@ -63,37 +78,79 @@ def load_spanned(file: Path) -> SpannedDoc:
         line = mark.line + 1 if mark else 1
         problem = exc.problem or exc.context or "invalid YAML"
         raise RecipeError(f"YAML syntax error: {problem}", where=f"{file}:{line}",
-                          hint="fix the YAML syntax; quote values that contain ': ', '{', '[' or '#'") from exc
+                          hint="fix the YAML syntax; quote values that contain ': ', '{', '[' or '#'") from None
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"YAML error: {exc}", where=f"{file}:1") from None
     doc = SpannedDoc(file=file, data=None)
     if node is None:
         raise RecipeError("empty recipe file", where=f"{file}:1")
-    doc.data = _convert(node, (), doc)
+    doc.data = _Converter(doc).convert(node, (), 0)
     return doc
+
+
+def _check_depth(file: Path, text: str) -> None:
+    """Refuse deep nesting from the event stream (composing it would recurse past Python's limit)."""
+    depth = 0
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                depth += 1
+                if depth > MAX_DEPTH:
+                    raise RecipeError(f"the YAML nests deeper than {MAX_DEPTH} levels",
+                                      where=f"{file}:{event.start_mark.line + 1}")
+            elif isinstance(event, yaml.CollectionEndEvent):
+                depth -= 1
+    except yaml.MarkedYAMLError:
+        return  # compose() reports syntax errors with their line
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"YAML error: {exc}", where=f"{file}:1") from None
 
 
 _constructor = yaml.SafeLoader("")
 
 
-def _convert(node: yaml.Node, path: KeyPath, doc: SpannedDoc) -> Any:
-    doc.lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        result: dict[str, Any] = {}
-        for key_node, value_node in node.value:
-            if not isinstance(key_node, yaml.ScalarNode):
-                raise RecipeError("mapping keys must be plain strings",
-                                  where=f"{doc.file}:{key_node.start_mark.line + 1}")
-            key = _constructor.construct_object(key_node)
-            if not isinstance(key, str):
-                raise RecipeError(
-                    f"{format_path(path)}: key {key!r} must be a string",
-                    where=f"{doc.file}:{key_node.start_mark.line + 1}",
-                    hint='quote it, e.g. "5.4" instead of 5.4 (YAML reads unquoted versions as numbers)')
-            if key in result:
-                raise RecipeError(f"{format_path(path + (key,))}: duplicate key",
-                                  where=f"{doc.file}:{key_node.start_mark.line + 1}")
-            doc.lines[path + (key,)] = key_node.start_mark.line + 1
-            result[key] = _convert(value_node, path + (key,), doc)
-        return result
-    if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, path + (i,), doc) for i, item in enumerate(node.value)]
-    return _constructor.construct_object(node)
+class _Converter:
+    """Nodes to plain values, counting every value made (aliases included) against MAX_VALUES."""
+
+    def __init__(self, doc: SpannedDoc) -> None:
+        self.doc = doc
+        self.values = 0
+
+    def where(self, node: yaml.Node) -> str:
+        return f"{self.doc.file}:{node.start_mark.line + 1}"
+
+    def convert(self, node: yaml.Node, path: KeyPath, depth: int) -> Any:
+        doc = self.doc
+        self.values += 1
+        if self.values > MAX_VALUES or depth > MAX_DEPTH:
+            raise RecipeError(f"{format_path(path)}: the document expands to more than {MAX_VALUES} values "
+                              "(through aliases?)", where=self.where(node),
+                              hint="recipes do not need YAML aliases; write the values out")
+        if node.tag not in _PLAIN_TAGS:
+            raise RecipeError(f"{format_path(path)}: unsupported YAML tag {node.tag!r}", where=self.where(node),
+                              hint="recipes hold plain strings, numbers, booleans, lists and mappings")
+        doc.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            result: dict[str, Any] = {}
+            for key_node, value_node in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _PLAIN_TAGS:
+                    raise RecipeError("mapping keys must be plain strings", where=self.where(key_node))
+                key = self.scalar(key_node, path)
+                if not isinstance(key, str):
+                    raise RecipeError(
+                        f"{format_path(path)}: key {key!r} must be a string", where=self.where(key_node),
+                        hint='quote it, e.g. "5.4" instead of 5.4 (YAML reads unquoted versions as numbers)')
+                if key in result:
+                    raise RecipeError(f"{format_path(path + (key,))}: duplicate key", where=self.where(key_node))
+                doc.lines[path + (key,)] = key_node.start_mark.line + 1
+                result[key] = self.convert(value_node, path + (key,), depth + 1)
+            return result
+        if isinstance(node, yaml.SequenceNode):
+            return [self.convert(item, path + (i,), depth + 1) for i, item in enumerate(node.value)]
+        return self.scalar(node, path)
+
+    def scalar(self, node: yaml.Node, path: KeyPath) -> Any:
+        try:
+            return _constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:
+            raise RecipeError(f"{format_path(path)}: cannot read this value ({exc})", where=self.where(node)) from None
