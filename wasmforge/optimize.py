@@ -40,24 +40,26 @@ def audit_imports(wasm: Path, allowed_modules: tuple[str, ...] = ("wasi_snapshot
 
 
 def precompile(wasm: Path, module: wasmtime.Module | None = None) -> Path:
-    """Write `<name>.cwasm` (wasmtime's serialized code) and its key file next to `wasm`."""
+    """Write `<name>.cwasm` (wasmtime's serialized native code) and its key file next to `wasm`.
+
+    The key binds the code to its own sha256, to the sha256 of the `.wasm` it was compiled from and
+    to the engine (see runtime.load_precompiled); every runner checks all three before using it.
+    """
     exceptions = uses_exceptions(wasm)
     data = (module or compile_module(wasm)).serialize()
     cwasm = precompiled_path(wasm)
-    tmp = cwasm.with_name(cwasm.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, cwasm)
     key = {
         "aot": aot_key(exceptions),
         "wasm_sha256": hashlib.sha256(wasm.read_bytes()).hexdigest(),
         "wasm_size": wasm.stat().st_size,
-        "wasm_mtime_ns": wasm.stat().st_mtime_ns,
         "cwasm_sha256": hashlib.sha256(data).hexdigest(),
-        "cwasm_size": cwasm.stat().st_size,
-        "cwasm_mtime_ns": cwasm.stat().st_mtime_ns,
+        "cwasm_size": len(data),
     }
     key_file = cwasm.with_name(cwasm.name + ".json")
-    key_file.write_text(json.dumps(key, indent=2) + "\n")
+    for path, content in ((cwasm, data), (key_file, (json.dumps(key, indent=2) + "\n").encode())):
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(content)
+        os.replace(tmp, path)
     return cwasm
 
 

@@ -7,6 +7,7 @@ its key matches, and exits with the program's status. Options: --dir GUEST:HOST,
 
 from __future__ import annotations
 
+import ctypes.util
 import shutil
 import subprocess
 import sys
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import wasmtime
 
+from .config import positive_number
 from .errors import ToolchainError, WasmforgeError
-from .runtime import Runner, wasmtime_version
+from .runtime import Runner, reserve_std_fds, wasmtime_version
+from .store import entry_containing
 
 LAUNCHER_SOURCE = Path(__file__).parent / "launcher" / "wasmforge-run.c"
 
@@ -39,8 +42,13 @@ def build_launcher(cache_dir: Path) -> Path:
         return launcher
     launcher.parent.mkdir(parents=True, exist_ok=True)
     tmp = launcher.with_name(launcher.name + ".tmp")
+    # OpenSSL's libcrypto hashes the precompiled code before it is run (with the CPU's SHA instructions).
+    crypto = ctypes.util.find_library("crypto")
+    if not crypto:
+        raise ToolchainError("building wasmforge-run needs OpenSSL's libcrypto", hint="apt-get install libssl3")
     result = subprocess.run([compiler, "-O2", "-Wall", "-o", str(tmp), str(LAUNCHER_SOURCE), f"-L{library.parent}",
-                             f"-l:{library.name}", f"-Wl,-rpath,{library.parent}"], capture_output=True, text=True)
+                             f"-l:{library.name}", f"-l:{crypto}", "-lpthread", f"-Wl,-rpath,{library.parent}"],
+                            capture_output=True, text=True)
     if result.returncode != 0:
         raise ToolchainError("could not compile wasmforge-run", details=result.stderr[-2000:])
     tmp.replace(launcher)
@@ -62,7 +70,20 @@ def parse_env(item: str) -> tuple[str, str]:
     return key, value
 
 
+def check_stored_module(module: Path) -> None:
+    """A module that lives in an artifact store entry is run only while the whole entry verifies."""
+    found = entry_containing(module)
+    if found is None:
+        return
+    store, key = found
+    if problem := store.problem(key):
+        raise WasmforgeError(f"{module} belongs to a damaged artifact store entry: {problem}",
+                             where=str(store.entry(key)),
+                             hint="nothing was run; rebuild it: invoke build <package>-<version>")
+
+
 def main(args: list[str]) -> int:
+    reserve_std_fds()
     if "--" in args:
         options, program_args = args[: args.index("--")], args[args.index("--") + 1:]
     else:
@@ -85,7 +106,8 @@ def main(args: list[str]) -> int:
             elif option == "--env":
                 env.update([parse_env(value)])
             else:
-                timeout = float(value)
+                timeout = positive_number("--timeout", value)
+        check_stored_module(module)
         result = Runner().run(module, [module.stem, *program_args], env=env, dirs=dirs, timeout=timeout,
                               capture=False)
     except WasmforgeError as exc:

@@ -2,16 +2,22 @@
 
 The environment is empty unless variables are given, and only the directories named are visible:
 the module sees exactly what the caller grants. Exception handling is enabled when the module
-uses it (it has a tag section), and precompiled modules (`<name>.cwasm`, made by optimize.py) are
-used when their key matches this wasmtime and engine configuration; otherwise the module is
-compiled on the fly.
+uses it (it has a tag section).
+
+A precompiled module (`<name>.cwasm`, made by optimize.py) is native machine code that wasmtime maps
+and runs without checks of its own, so it is used only when it is exactly what we wrote: its sha256
+matches its key file (`<name>.cwasm.json`), the key names the sha256 of the `.wasm` beside it and this
+wasmtime, engine and CPU, and the bytes handed to wasmtime are the very bytes hashed. Otherwise the
+`.wasm` is compiled on the fly.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -26,6 +32,9 @@ from .errors import RunError
 
 TAG_SECTION = 13
 NO_DEADLINE = 1 << 62
+# After a timeout, how long a module blocked in a host call (reading stdin) is given before the
+# process is ended: epoch interruption only stops code that runs.
+BLOCKED_GRACE = 1.0
 
 
 @dataclass(frozen=True)
@@ -97,15 +106,21 @@ def make_engine(exceptions: bool) -> wasmtime.Engine:
 
 def uses_exceptions(wasm: Path) -> bool:
     """True when the module defines exception tags (setjmp/longjmp via exception handling)."""
-    with wasm.open("rb") as f:
-        if f.read(8)[:4] != b"\0asm":
-            raise RunError(f"{wasm} is not a WebAssembly module")
-        while header := f.read(1):
-            section = header[0]
-            size = _read_leb(f)
-            if section == TAG_SECTION:
-                return True
-            f.seek(size, 1)
+    try:
+        with wasm.open("rb") as f:
+            if f.read(8)[:4] != b"\0asm":
+                raise RunError(f"{wasm} is not a WebAssembly module")
+            while header := f.read(1):
+                section = header[0]
+                size = _read_leb(f)
+                if section == TAG_SECTION:
+                    return True
+                f.seek(size, 1)
+    except (IndexError, ValueError):
+        raise RunError(f"{wasm} is truncated or damaged (its sections do not parse)",
+                       hint="rebuild it: invoke build <package>-<version> --force") from None
+    except OSError as exc:
+        raise RunError(f"cannot read {wasm}: {exc.strerror}") from None
     return False
 
 
@@ -117,10 +132,46 @@ def _read_leb(f) -> int:  # type: ignore[no-untyped-def]
         if not byte & 0x80:
             return result
         shift += 7
+        if shift > 35:
+            raise ValueError("LEB128 too long")
+
+
+def reserve_std_fds() -> None:
+    """Give closed stdin/stdout/stderr /dev/null, so that a file opened later (a module, a .cwasm)
+    never takes descriptor 0, 1 or 2 and is handed to the program as its standard input or output."""
+    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, mode)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
 
 
 def precompiled_path(wasm: Path) -> Path:
     return wasm.with_suffix(".cwasm")
+
+
+def load_precompiled(wasm: Path, engine: wasmtime.Engine, exceptions: bool) -> wasmtime.Module | None:
+    """The precompiled form of `wasm`, or None unless it is exactly the one we wrote for it and this engine."""
+    cwasm = precompiled_path(wasm)
+    key_file = cwasm.with_name(cwasm.name + ".json")
+    try:
+        key = json.loads(key_file.read_text())
+        if not isinstance(key, dict) or key.get("aot") != aot_key(exceptions):
+            return None
+        if _sha256(wasm.read_bytes()) != key.get("wasm_sha256"):
+            return None  # the key (and its code) belongs to another module
+        code = cwasm.read_bytes()
+    except (OSError, ValueError):
+        return None
+    if _sha256(code) != key.get("cwasm_sha256"):
+        return None  # edited, truncated or replaced native code: never run it
+    try:
+        return wasmtime.Module.deserialize(engine, code)
+    except wasmtime.WasmtimeError:
+        return None
 
 
 @dataclass
@@ -151,34 +202,13 @@ class Runner:
 
     @staticmethod
     def _load_precompiled(wasm: Path, engine: wasmtime.Engine, exceptions: bool) -> wasmtime.Module | None:
-        cwasm = precompiled_path(wasm)
-        key_file = cwasm.with_name(cwasm.name + ".json")
-        if not cwasm.is_file() or not key_file.is_file():
-            return None
-        try:
-            key = json.loads(key_file.read_text())
-        except (OSError, ValueError):
-            return None
-        # The key must match this wasmtime, engine and CPU, and the precompiled file must belong to
-        # this very .wasm; wasmtime would refuse a mismatch anyway, but we never hand it one. Size
-        # and modification time are checked at every start; the sha256 only when they moved.
-        if key.get("aot") != aot_key(exceptions):
-            return None
-        for path, prefix in ((wasm, "wasm"), (cwasm, "cwasm")):
-            st = path.stat()
-            if st.st_size != key.get(f"{prefix}_size"):
-                return None
-            if st.st_mtime_ns != key.get(f"{prefix}_mtime_ns") and _sha256(path) != key.get(f"{prefix}_sha256"):
-                return None
-        try:
-            return wasmtime.Module.deserialize_file(engine, str(cwasm))
-        except wasmtime.WasmtimeError:
-            return None
+        return load_precompiled(wasm, engine, exceptions)
 
     def run(self, wasm: Path, argv: list[str], *, env: dict[str, str] | None = None,
             dirs: list[tuple[str, Path]] | None = None, stdin: bytes | None = None,
             timeout: float | None = None, memory_limit: int | None = None,
             capture: bool = True) -> RunResult:
+        reserve_std_fds()
         module, exceptions, precompiled = self.load(wasm)
         engine = make_engine(exceptions)
         store = wasmtime.Store(engine)
@@ -224,9 +254,19 @@ class Runner:
             if timeout:
                 store.set_epoch_deadline(1)
 
+                finished = threading.Event()
+
                 def interrupt() -> None:
                     fired.set()
                     engine.increment_epoch()
+                    # A module blocked in a host call (reading an idle stdin) never reaches an epoch
+                    # check. With captured I/O its input is a file, which cannot block; a program
+                    # that shares our terminal or pipe ends the process, as a shell's timeout would.
+                    if not capture and not finished.wait(BLOCKED_GRACE):
+                        sys.stdout.flush()
+                        os.write(2, f"{Path(argv[0]).name}: killed by the timeout after {timeout:g} s "
+                                    "(blocked in a host call)\n".encode())
+                        os._exit(134)
 
                 timer = threading.Timer(timeout, interrupt)
                 timer.daemon = True
@@ -237,9 +277,16 @@ class Runner:
             trap = None
             try:
                 instance = linker.instantiate(store, module)
+            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+                raise RunError(f"wasmtime cannot instantiate {wasm}", details=str(exc).strip()[:2000],
+                               hint="does it import something other than WASI preview 1?") from None
+            start_func = instance.exports(store).get("_start")
+            if not isinstance(start_func, wasmtime.Func):
+                raise RunError(f"{wasm} has no _start function: it is not a WASI command module")
+            try:
                 if timer:
                     timer.start()
-                instance.exports(store)["_start"](store)
+                start_func(store)
             except _ProcExit as exc:
                 exit_code = exc.code
             except wasmtime.ExitTrap as exc:
@@ -249,6 +296,7 @@ class Runner:
                 trap = str(exc)
             finally:
                 if timer:
+                    finished.set()
                     timer.cancel()
             duration = time.perf_counter() - start
             return RunResult(
@@ -262,5 +310,5 @@ class Runner:
             )
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

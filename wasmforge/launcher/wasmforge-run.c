@@ -6,12 +6,19 @@
  *   wasmforge-run [--dir GUEST:HOST]... [--env K=V]... [--inherit-env] [--timeout SECONDS] MODULE.wasm [ARGS...]
  *
  * Like wasmforge's runner: the module sees no environment variables and no directories unless
- * given; MODULE.cwasm next to MODULE.wasm is used when wasmtime accepts it (its engine settings:
- * exception handling as the module needs, epoch interruption on), else MODULE.wasm is compiled;
- * the exit status is the program's (proc_exit is our own, so statuses >= 126 survive), 134 on a
- * trap. WASMFORGE_RUN_DEBUG=1 says which form was loaded. The few declarations of wasmtime's C API
- * we use are written out here.
+ * given; the exit status is the program's (proc_exit is our own, so statuses >= 126 survive), 134 on
+ * a trap or timeout. WASMFORGE_RUN_DEBUG=1 says which form was loaded. The few declarations of
+ * wasmtime's C API (and OpenSSL's SHA256) we use are written out here.
+ *
+ * MODULE.cwasm is native code that wasmtime runs without checks of its own, so it is used only when
+ * it is exactly what wasmforge wrote: its sha256 is the one in MODULE.cwasm.json, that key names the
+ * sha256 of MODULE.wasm, and the bytes given to wasmtime are the bytes hashed; else MODULE.wasm is
+ * compiled. A module inside an artifact store entry must also match the entry's manifest.json.
+ * Closed standard descriptors are given /dev/null first, so no file we open becomes the program's
+ * stdin; a module blocked in a host call (reading stdin) past --timeout ends the process.
  */
+#include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -19,6 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+
+extern unsigned char *SHA256(const unsigned char *data, size_t size, unsigned char *digest);
 
 typedef struct wasm_config_t wasm_config_t;
 typedef struct wasm_engine_t wasm_engine_t;
@@ -44,7 +54,7 @@ extern wasm_config_t *wasm_config_new(void);
 extern void wasmtime_config_wasm_exceptions_set(wasm_config_t *, bool);
 extern void wasmtime_config_epoch_interruption_set(wasm_config_t *, bool);
 extern wasm_engine_t *wasm_engine_new_with_config(wasm_config_t *);
-extern wasmtime_error_t *wasmtime_module_deserialize_file(wasm_engine_t *, const char *, wasmtime_module_t **);
+extern wasmtime_error_t *wasmtime_module_deserialize(wasm_engine_t *, const uint8_t *, size_t, wasmtime_module_t **);
 extern wasmtime_error_t *wasmtime_module_new(wasm_engine_t *, const uint8_t *, size_t, wasmtime_module_t **);
 extern wasmtime_store_t *wasmtime_store_new(wasm_engine_t *, void *, void (*)(void *));
 extern wasmtime_context_t *wasmtime_store_context(wasmtime_store_t *);
@@ -85,13 +95,80 @@ extern wasm_functype_t *wasm_functype_new(wasm_valtype_vec_t *, wasm_valtype_vec
 static int exit_status = -1;
 static double timeout_seconds = 0;
 static volatile bool timed_out = false;
+static volatile bool finished = false;
 
 static void *watchdog(void *engine) {
     struct timespec wait = {(time_t)timeout_seconds, (long)((timeout_seconds - (time_t)timeout_seconds) * 1e9)};
     nanosleep(&wait, NULL);
     timed_out = true;
     wasmtime_engine_increment_epoch((wasm_engine_t *)engine);  /* the store's deadline is one tick */
+    /* Epoch interruption stops running code only: a module blocked reading stdin is ended here. */
+    struct timespec grace = {1, 0};
+    nanosleep(&grace, NULL);
+    if (!finished) {
+        fflush(stdout);
+        fprintf(stderr, "wasmforge-run: killed by the timeout after %g s (blocked in a host call)\n", timeout_seconds);
+        _exit(134);
+    }
     return NULL;
+}
+
+/* Whole file into memory (the bytes we hash are the bytes we use); NULL if it cannot be read. */
+static uint8_t *read_file(const char *path, size_t *size) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    uint8_t *data = NULL;
+    size_t used = 0, capacity = 0;
+    for (;;) {
+        if (used == capacity) {
+            capacity = capacity ? capacity * 2 : (1 << 20);
+            uint8_t *grown = realloc(data, capacity);
+            if (!grown) { free(data); fclose(f); return NULL; }
+            data = grown;
+        }
+        size_t n = fread(data + used, 1, capacity - used, f);
+        used += n;
+        if (n == 0) break;
+    }
+    bool failed = ferror(f);
+    fclose(f);
+    if (failed) { free(data); return NULL; }
+    *size = used;
+    return data;
+}
+
+static void sha256_hex(const uint8_t *data, size_t size, char out[65]) {
+    unsigned char digest[32];
+    SHA256(data, size, digest);
+    for (int k = 0; k < 32; k++) snprintf(out + 2 * k, 3, "%02x", digest[k]);
+}
+
+/* The 64 hex digits after `"<field>": "` following `after` in a JSON text we wrote; false if absent. */
+static bool json_hex(const char *text, const char *after, const char *field, char out[65]) {
+    const char *at = after ? strstr(text, after) : text;
+    if (!at) return false;
+    char pattern[64];
+    snprintf(pattern, sizeof pattern, "\"%s\": \"", field);
+    const char *value = strstr(at, pattern);
+    if (!value) return false;
+    value += strlen(pattern);
+    for (int k = 0; k < 64; k++) {
+        char c = value[k];
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
+        out[k] = c;
+    }
+    out[64] = '\0';
+    return value[64] == '"';
+}
+
+static char *text_file(const char *path) {
+    size_t size = 0;
+    uint8_t *data = read_file(path, &size);
+    if (!data) return NULL;
+    char *text = realloc(data, size + 1);
+    if (!text) { free(data); return NULL; }
+    text[size] = '\0';
+    return text;
 }
 
 static wasm_trap_t *proc_exit(void *env, wasmtime_caller_t *caller, const wasmtime_val_t *args, size_t nargs,
@@ -111,44 +188,88 @@ static void fail(const char *what, wasmtime_error_t *error, wasm_trap_t *trap) {
 }
 
 static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
+    bool debug = getenv("WASMFORGE_RUN_DEBUG") != NULL;
     size_t n = strlen(wasm);
-    char *cwasm = malloc(n + 2);
-    if (!cwasm) exit(1);
+    char *cwasm = malloc(n + 2), *key_path = malloc(n + 8), *manifest = malloc(n + 32);
+    if (!cwasm || !key_path || !manifest) exit(1);
     memcpy(cwasm, wasm, n + 1);
     if (n > 5 && strcmp(wasm + n - 5, ".wasm") == 0) strcpy(cwasm + n - 5, ".cwasm");
-    wasmtime_module_t *module = NULL;
-    /* wasmtime accepts precompiled code only from the same version and settings: try the module
-     * with exception handling (as our builds mostly are), then without, then compile. */
-    for (int exceptions = 1; exceptions >= 0; exceptions--) {
-        wasm_config_t *config = wasm_config_new();
-        wasmtime_config_wasm_exceptions_set(config, exceptions);
-        wasmtime_config_epoch_interruption_set(config, true);
-        wasm_engine_t *engine = wasm_engine_new_with_config(config);
-        if (!wasmtime_module_deserialize_file(engine, cwasm, &module)) {
-            if (getenv("WASMFORGE_RUN_DEBUG")) fprintf(stderr, "wasmforge-run: precompiled %s\n", cwasm);
-            *engine_out = engine;
-            return module;
+    snprintf(key_path, n + 8, "%s.json", cwasm);
+    size_t wasm_size = 0;
+    uint8_t *wasm_bytes = read_file(wasm, &wasm_size);
+    if (!wasm_bytes) { fprintf(stderr, "wasmforge-run: cannot read %s: %s\n", wasm, strerror(errno)); exit(1); }
+    char wasm_sha[65], expected[65];
+    sha256_hex(wasm_bytes, wasm_size, wasm_sha);
+
+    /* In a store entry (ENTRY/bin/NAME.wasm beside ENTRY/manifest.json) the module must be the one built. */
+    const char *slash = strrchr(wasm, '/');
+    size_t dir_len = slash ? (size_t)(slash - wasm) : 0;
+    const char *name = slash ? slash + 1 : wasm;
+    if (dir_len >= 4 && strncmp(wasm + dir_len - 4, "/bin", 4) == 0) {
+        snprintf(manifest, n + 32, "%.*s/manifest.json", (int)(dir_len - 4), wasm);
+        char *text = text_file(manifest);
+        if (text) {
+            char label[512];
+            snprintf(label, sizeof label, "\"bin/%s\": {", name);
+            if (strstr(text, label) && json_hex(text, label, "sha256", expected) && strcmp(expected, wasm_sha) != 0) {
+                fprintf(stderr, "wasmforge-run: %s does not match the sha256 in %s: the stored build is damaged; "
+                                "nothing was run (rebuild it with invoke build)\n", wasm, manifest);
+                exit(1);
+            }
+            free(text);
         }
     }
-    FILE *f = fopen(wasm, "rb");
-    if (!f) { perror(wasm); exit(1); }
-    fseek(f, 0, SEEK_END);
-    long size = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *bytes = malloc(size > 0 ? (size_t)size : 1);
-    if (!bytes || fread(bytes, 1, (size_t)size, f) != (size_t)size) { fprintf(stderr, "cannot read %s\n", wasm); exit(1); }
-    fclose(f);
+
+    wasmtime_module_t *module = NULL;
+    char *key = text_file(key_path);
+    char cwasm_sha[65];
+    size_t code_size = 0;
+    uint8_t *code = NULL;
+    if (key && json_hex(key, NULL, "wasm_sha256", expected) && strcmp(expected, wasm_sha) == 0 &&
+        json_hex(key, NULL, "cwasm_sha256", expected) && (code = read_file(cwasm, &code_size)) != NULL) {
+        sha256_hex(code, code_size, cwasm_sha);
+        if (strcmp(cwasm_sha, expected) == 0) {
+            /* wasmtime accepts precompiled code only from the same version and settings: try the
+             * settings with exception handling (as our builds mostly are), then without. */
+            for (int exceptions = 1; exceptions >= 0; exceptions--) {
+                wasm_config_t *config = wasm_config_new();
+                wasmtime_config_wasm_exceptions_set(config, exceptions);
+                wasmtime_config_epoch_interruption_set(config, true);
+                wasm_engine_t *engine = wasm_engine_new_with_config(config);
+                if (!wasmtime_module_deserialize(engine, code, code_size, &module)) {
+                    if (debug) fprintf(stderr, "wasmforge-run: precompiled %s\n", cwasm);
+                    *engine_out = engine;
+                    free(code);
+                    free(key);
+                    free(wasm_bytes);
+                    return module;
+                }
+            }
+        } else if (debug) {
+            fprintf(stderr, "wasmforge-run: %s does not match its key's sha256; not used\n", cwasm);
+        }
+    }
+    free(code);
+    free(key);
     wasm_config_t *config = wasm_config_new();
     wasmtime_config_wasm_exceptions_set(config, true);
     wasmtime_config_epoch_interruption_set(config, true);
     *engine_out = wasm_engine_new_with_config(config);
-    if (getenv("WASMFORGE_RUN_DEBUG")) fprintf(stderr, "wasmforge-run: compiling %s (no usable %s)\n", wasm, cwasm);
-    wasmtime_error_t *error = wasmtime_module_new(*engine_out, bytes, (size_t)size, &module);
+    if (debug) fprintf(stderr, "wasmforge-run: compiling %s (no usable %s)\n", wasm, cwasm);
+    wasmtime_error_t *error = wasmtime_module_new(*engine_out, wasm_bytes, wasm_size, &module);
     if (error) fail("cannot compile the module", error, NULL);
+    free(wasm_bytes);
     return module;
 }
 
 int main(int argc, char **argv) {
+    /* A closed stdin/stdout/stderr gets /dev/null before any file is opened. */
+    for (int fd = 0; fd < 3; fd++) {
+        if (fcntl(fd, F_GETFD) == -1 && errno == EBADF) {
+            int null = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+            if (null != fd) { if (null < 0 || dup2(null, fd) < 0) return 1; close(null); }
+        }
+    }
     const char *env_names[MAX_ITEMS], *env_values[MAX_ITEMS];
     char *dirs[MAX_ITEMS];
     size_t n_env = 0, n_dirs = 0;
@@ -156,7 +277,16 @@ int main(int argc, char **argv) {
     int i = 1;
     for (; i < argc && argv[i][0] == '-' && argv[i][1] == '-'; i += 2) {
         if (strcmp(argv[i], "--inherit-env") == 0) { inherit_env = true; i--; continue; }
-        if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) { timeout_seconds = atof(argv[i + 1]); continue; }
+        if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) {
+            char *end = NULL;
+            errno = 0;
+            timeout_seconds = strtod(argv[i + 1], &end);
+            if (errno || end == argv[i + 1] || *end || !(timeout_seconds > 0 && timeout_seconds < 1e9)) {
+                fprintf(stderr, "wasmforge-run: --timeout %s: expected a positive number of seconds\n", argv[i + 1]);
+                return 2;
+            }
+            continue;
+        }
         if (i + 1 >= argc) { fprintf(stderr, "wasmforge-run: %s needs a value\n", argv[i]); return 2; }
         char *value = argv[i + 1];
         char *sep = strchr(value, strcmp(argv[i], "--env") == 0 ? '=' : ':');
@@ -223,6 +353,7 @@ int main(int argc, char **argv) {
     if (timeout_seconds > 0 && pthread_create(&timer, NULL, watchdog, engine) == 0) pthread_detach(timer);
     wasm_trap_t *trap = NULL;
     error = wasmtime_func_call(context, &start, NULL, 0, NULL, 0, &trap);
+    finished = true;
     fflush(stdout);
     if (exit_status >= 0) return exit_status;
     if (timed_out) {
