@@ -7,6 +7,7 @@ message without a traceback.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import shlex
 import shutil
@@ -15,22 +16,33 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from invoke import task
-from invoke.exceptions import Exit
+from wasmforge.runtime import reserve_std_fds
 
-from wasmforge.bench import BENCH_HEADER, render, run_bench
-from wasmforge.compare import run_native, run_wasm, side_by_side
-from wasmforge.config import Config
-from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance
-from wasmforge.errors import WasmforgeError
-from wasmforge.pipeline import PackageOutcome, build_target, output_dir, read_manifest
-from wasmforge.pipeline import explain as explain_build
-from wasmforge.recipe import RecipeBook
-from wasmforge.run import build_launcher, parse_dir, parse_env
-from wasmforge.runtime import Runner
-from wasmforge.smoke import run_smoke_tests
-from wasmforge.sources import fetch_sources
-from wasmforge.toolchain import ensure_host_packages, find_toolchain, host_toolchain, install_toolchain
+# Before anything opens a file: a closed stdin must not become the descriptor of a module or .cwasm.
+reserve_std_fds()
+
+from invoke import task  # noqa: E402
+from invoke.exceptions import Exit  # noqa: E402
+
+from wasmforge.bench import BENCH_HEADER, render, run_bench  # noqa: E402
+from wasmforge.compare import run_native, run_wasm, side_by_side  # noqa: E402
+from wasmforge.config import Config, positive_number  # noqa: E402
+from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance  # noqa: E402
+from wasmforge.errors import WasmforgeError  # noqa: E402
+from wasmforge.pipeline import (  # noqa: E402
+    PackageOutcome,
+    build_target,
+    output_dir,
+    read_manifest,
+    stored_output,
+)
+from wasmforge.pipeline import explain as explain_build  # noqa: E402
+from wasmforge.recipe import RecipeBook  # noqa: E402
+from wasmforge.run import build_launcher, parse_dir, parse_env  # noqa: E402
+from wasmforge.runtime import Runner  # noqa: E402
+from wasmforge.smoke import run_smoke_tests  # noqa: E402
+from wasmforge.sources import fetch_sources  # noqa: E402
+from wasmforge.toolchain import ensure_host_packages, find_toolchain, host_toolchain, install_toolchain  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -50,12 +62,28 @@ def cli(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise Exit(code=130) from None
+        except OSError as exc:
+            # A read-only or full disk, a permission: one message with the path, no traceback.
+            where = f" ({exc.filename})" if exc.filename else ""
+            hint = {errno.ENOSPC: "free some space and run the command again",
+                    errno.EROFS: "the file system is read-only: point WASMFORGE_CACHE/WASMFORGE_OUTPUT elsewhere",
+                    errno.EACCES: "check the permissions of that path"}.get(exc.errno or 0)
+            print(f"error: {exc.strerror or exc}{where}" + (f"\nhint: {hint}" if hint else ""), file=sys.stderr)
+            raise Exit(code=1) from None
 
     return wrapper
 
 
-def _config(jobs: int | None = None, mirror: list[str] | None = None) -> Config:
-    config = Config.from_env(jobs=jobs or None)
+def _number(option: str, value: Any, *, integer: bool = False) -> float | None:
+    """An optional numeric option: None when not given, else positive (one message otherwise)."""
+    if value is None or value == "":
+        return None
+    return positive_number(option, value, integer=integer)
+
+
+def _config(jobs: Any = None, mirror: list[str] | None = None) -> Config:
+    count = _number("--jobs", jobs, integer=True)
+    config = Config.from_env(jobs=int(count) if count else None)
     if mirror:
         config = Config(**{**config.__dict__, "mirrors": tuple(mirror) + config.mirrors})
     return config
@@ -131,7 +159,7 @@ def fetch(ctx, target, mirror=None):
                "which inputs differ from the nearest stored build",
 })
 @cli
-def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=None, native=False, explain=False,
+def build(ctx, target, flavor=None, jobs=None, force=False, no_test=False, mirror=None, native=False, explain=False,
           no_ccache=False, debug=False):
     """Build a package and its dependencies, precompile its modules and run its smoke tests."""
     config = _config(jobs=jobs, mirror=mirror)
@@ -164,13 +192,11 @@ def build(ctx, target, flavor=None, jobs=0, force=False, no_test=False, mirror=N
         print(f"  {rel}  ({size / 1024:.0f} KiB){hint}")
 
 
-def _built(config: Config, book: RecipeBook, target: str, flavor: str | None = None):
-    package = book.package(book.parse_target(target, flavor))
-    out = output_dir(config, package)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise WasmforgeError(f"{package.target} is not built (no {out / 'manifest.json'})",
-                             hint=f"build it first: invoke build {package.target}")
+def _built(config: Config, book: RecipeBook, target: str, flavor: str | None = None, native: bool = False):
+    """A finished build that a command is about to use, verified against its store entry's manifest."""
+    t = book.parse_target(target, flavor)
+    package = book.package(dataclasses.replace(t, native=True) if native else t)
+    out, manifest = stored_output(config, package)
     return package, out, manifest
 
 
@@ -197,8 +223,10 @@ def test(ctx, target, flavor=None):
     "no-precompiled": "compile the module instead of using its precompiled form",
 })
 @cli
-def run(ctx, target, dir=None, env=None, program=None, timeout=0.0, memory=0, no_precompiled=False):
+def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None, no_precompiled=False):
     """Run a built program: invoke run lua-5.4.7 -- -e "print(1+1)"."""
+    seconds = _number("--timeout", timeout)
+    mib = _number("--memory", memory, integer=True)
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
@@ -211,7 +239,7 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=0.0, memory=0, no
     variables = dict(parse_env(item) for item in env or [])
     runner = Runner(use_precompiled=not no_precompiled)
     result = runner.run(out / programs[name], [name, *_remainder(ctx)], env=variables, dirs=dirs,
-                        timeout=timeout or None, memory_limit=memory * 1024 * 1024 or None, capture=False)
+                        timeout=seconds, memory_limit=int(mib) * 1024 * 1024 if mib else None, capture=False)
     if result.timed_out or result.trap:
         print(f"{name}: {result.describe()}", file=sys.stderr)
     raise Exit(code=result.status)
@@ -226,7 +254,9 @@ def compare(ctx, target, script, program=None, width=0):
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
     name = program or next(iter(manifest.get("programs", {})), None)
-    native_dir = output_dir(config, book.package(dataclasses.replace(book.parse_target(target), native=True)))
+    if name not in manifest.get("programs", {}):
+        raise WasmforgeError(f"{package.target} has no program {name!r}")
+    _, native_dir, _ = _built(config, book, target, native=True)
     path = Path(script).resolve()
     if not path.is_file():
         raise WasmforgeError(f"no script at {path}")
@@ -239,12 +269,12 @@ def compare(ctx, target, script, program=None, width=0):
             "output": "where to write the report (default: docs/conformance.md)",
             "from-logs": "rewrite the report from the last run's logs instead of running the tests"})
 @cli
-def conformance(ctx, target, jobs=0, output="docs/conformance.md", from_logs=False):
+def conformance(ctx, target, jobs=None, output="docs/conformance.md", from_logs=False):
     """Run PHP's run-tests.php on the wasm and native builds: invoke conformance php-7.4.33 [-- DIRS...]."""
     config = _config(jobs=jobs)
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
-    native = output_dir(config, book.package(dataclasses.replace(book.parse_target(target), native=True)))
+    _, native, _ = _built(config, book, target, native=True)
     dirs = _remainder(ctx) or list(DEFAULT_DIRS)
     if from_logs:
         results = results_from_logs(package, config, dirs)
@@ -263,14 +293,15 @@ def conformance(ctx, target, jobs=0, output="docs/conformance.md", from_logs=Fal
             "no-builds": "skip the build-time measurements (cold, no-change, touched patch)",
             "output": "the Markdown file the table is appended to"})
 @cli
-def bench(ctx, target, runs=21, no_builds=False, output="docs/benchmarks.md"):
+def bench(ctx, target, runs="21", no_builds=False, output="docs/benchmarks.md"):
     """Measure build times, sizes, start-up and run time against the native build; append to docs/benchmarks.md."""
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
     t = book.parse_target(target)
     tc = find_toolchain(config)
     command = "invoke bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:])
-    rows = run_bench(book, t, config, tc, runs=runs, builds=not no_builds, log=log)
+    rows = run_bench(book, t, config, tc, runs=int(_number("--runs", runs, integer=True) or 21),
+                     builds=not no_builds, log=log)
     text = render(t, rows, command, tc)
     print(text)
     path = config.root / output

@@ -8,10 +8,14 @@ BuildError with the log's tail and path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -326,6 +330,64 @@ def write_env_script(ctx: BuildContext, env: Mapping[str, str]) -> Path:
     return path
 
 
+# A step runs in a process group of its own, watched by a small guard process that kills the whole
+# group once our end of its pipe closes: when the step is over (stray children), or when wasmforge
+# dies in any way, SIGKILL included. No compiler outlives the build that started it.
+_GUARD = (
+    "import os, signal, sys\n"
+    "group = int(sys.stdin.readline() or 0)\n"
+    "sys.stdin.read()\n"
+    "if group > 0:\n"
+    "    try:\n"
+    "        os.killpg(group, signal.SIGKILL)\n"
+    "    except OSError:\n"
+    "        pass\n"
+)
+# The groups of the steps running now (this process's children), so that an interrupt of the main
+# thread (Ctrl-C reaches only our own group) can stop them.
+_running_groups: set[int] = set()
+_running_lock = threading.Lock()
+
+
+def stop_running_steps() -> None:
+    """Kill every step this process is running (after Ctrl-C, or when a build is abandoned)."""
+    with _running_lock:
+        groups = list(_running_groups)
+    for group in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+
+
+def run_in_group(argv: tuple[str, ...] | list[str], *, cwd: Path, env: Mapping[str, str], stdout,  # type: ignore[no-untyped-def]
+                 pass_fds: tuple[int, ...] = ()) -> int:
+    """Run a command in its own process group under a guard; return its exit status."""
+    guard = subprocess.Popen([sys.executable, "-c", _GUARD], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, start_new_session=True, text=True)
+    assert guard.stdin is not None
+    try:
+        proc = subprocess.Popen(argv, cwd=cwd, env=dict(env), stdout=stdout, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, pass_fds=pass_fds, start_new_session=True)
+    except BaseException:
+        guard.stdin.close()
+        guard.wait()
+        raise
+    with _running_lock:
+        _running_groups.add(proc.pid)
+    try:
+        guard.stdin.write(f"{proc.pid}\n")
+        guard.stdin.flush()
+        return proc.wait()
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        raise
+    finally:
+        with _running_lock:
+            _running_groups.discard(proc.pid)
+        guard.stdin.close()  # the guard now kills what the step left running
+        guard.wait()
+
+
 def run_steps(ctx: BuildContext, steps: list[Step], *, log: Log = print, first_index: int = 1) -> list[StepTiming]:
     ctx.logs.mkdir(parents=True, exist_ok=True)
     timings = []
@@ -338,17 +400,16 @@ def run_steps(ctx: BuildContext, steps: list[Step], *, log: Log = print, first_i
             out.write(f"$ cd {step.cwd}\n$ {shlex.join(step.argv)}\n\n")
             out.flush()
             try:
-                result = subprocess.run(step.argv, cwd=step.cwd, env=dict(step.env), stdout=out,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        pass_fds=ctx.jobserver.fds if ctx.jobserver else ())
+                returncode = run_in_group(step.argv, cwd=step.cwd, env=step.env, stdout=out,
+                                          pass_fds=ctx.jobserver.fds if ctx.jobserver else ())
             except OSError as exc:
                 raise BuildError(f"{step.name} step could not start: {exc}",
                                  where=ctx.package.recipe.where(step.origin), details=f"log: {log_file}") from exc
         seconds = time.perf_counter() - start
         timings.append(StepTiming(step.name, seconds))
-        if result.returncode != 0:
+        if returncode != 0:
             raise BuildError(
-                f"{step.name} step of {ctx.package.target} failed (exit code {result.returncode})",
+                f"{step.name} step of {ctx.package.target} failed (exit code {returncode})",
                 where=ctx.package.recipe.where(step.origin),
                 details=f"last lines of {log_file}:\n" + tail(log_file) + f"\nfull log: {log_file}",
                 hint="read the log; fix the recipe or add a patch, then build again",

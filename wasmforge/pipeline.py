@@ -34,6 +34,7 @@ from .build import (
     refresh_config_sub,
     run_steps,
     shell_steps,
+    stop_running_steps,
 )
 from .config import Config
 from .errors import BuildError, SmokeTestError, WasmforgeError
@@ -49,14 +50,15 @@ from .patches import Patch, apply_series, patch_series
 from .recipe import Package, RecipeBook, Target
 from .runtime import Runner
 from .smoke import TestOutcome, run_smoke_tests
-from .sources import FetchedSource, extract_archive, fetch_sources
-from .store import ArtifactStore, differences, exclusive_lock, file_record
+from .sources import FetchedSource, extract_source, fetch_sources
+from .store import ArtifactStore, differences, entry_containing, exclusive_lock, file_record, walk_entry
 from .toolchain import HostToolchain, Toolchain, ensure_host_packages
 
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
-# Bump when the build logic changes in a way that changes outputs.
-BUILD_LOGIC_VERSION = "2"
+# Bump when the build logic changes in a way that changes outputs or entries.
+# 3: manifests list logs and links too (an entry holds exactly what its manifest lists).
+BUILD_LOGIC_VERSION = "3"
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,25 @@ def read_manifest(directory: Path) -> dict[str, Any] | None:
         return json.loads((directory / MANIFEST).read_text())
     except (OSError, ValueError):
         return None
+
+
+def stored_output(config: Config, package: Package) -> tuple[Path, dict[str, Any]]:
+    """build-output/<pkg>/<version> and its manifest, for commands that use a finished build: the store
+    entry it points to is verified first (every file, nothing extra), and a damaged one is refused."""
+    out = output_dir(config, package)
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise WasmforgeError(f"{package.target} is not built (no {out / MANIFEST})",
+                             hint=f"build it first: invoke build {package.target}")
+    found = entry_containing(out)
+    if found is None or found[0].entry(found[1]) != out.resolve():
+        raise WasmforgeError(f"{out} is not an artifact store entry (made by an older wasmforge?)",
+                             hint=f"rebuild it: invoke build {package.target}")
+    store, key = found
+    if problem := store.problem(key):
+        raise WasmforgeError(f"the stored build of {package.target} is damaged: {problem}", where=str(store.entry(key)),
+                             hint=f"nothing was run; `invoke build {package.target}` discards it and builds again")
+    return out, read_manifest(out) or manifest
 
 
 def wasm_opt_flags(package: Package) -> list[str]:
@@ -193,8 +214,20 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
     waiting = {item.package.name: item for item in planned}
     jobserver = JobServer(config.jobs) if config.jobs > 1 else None
     try:
-        with ThreadPoolExecutor(max_workers=max(1, config.jobs)) as pool:
-            running: dict[Future[BuildResult], str] = {}
+        return _schedule(planned, outcomes, deps, waiting, config, toolchain, target, log=log, force=force,
+                         run_tests=run_tests, jobserver=jobserver, summary=summary)
+    finally:
+        if jobserver:
+            jobserver.close()
+
+
+def _schedule(planned: list[PlannedBuild], outcomes: dict[str, PackageOutcome], deps: dict[str, list[str]],
+              waiting: dict[str, PlannedBuild], config: Config, toolchain: Toolchain | HostToolchain, target: Target, *,
+              log: Log, force: bool, run_tests: bool, jobserver: JobServer | None,
+              summary: list[PackageOutcome] | None) -> list[BuildResult]:
+    with ThreadPoolExecutor(max_workers=max(1, config.jobs)) as pool:
+        running: dict[Future[BuildResult], str] = {}
+        try:
             while waiting or running:
                 for name, item in list(waiting.items()):
                     failed = next((d for d in deps[name] if outcomes[d].error or outcomes[d].skipped_for), None)
@@ -218,9 +251,10 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
                     except Exception as exc:  # noqa: BLE001 (kept and re-raised once the others finish)
                         outcomes[name].error = exc
                         log(f"{outcomes[name].target}: failed")
-    finally:
-        if jobserver:
-            jobserver.close()
+        except BaseException:
+            # Leaving the pool waits for its threads, which wait for their steps: stop those first.
+            stop_running_steps()
+            raise
     if summary is not None:
         summary.extend(outcomes.values())
     if failure := next((o.error for o in outcomes.values() if o.error), None):
@@ -261,7 +295,7 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
 
         t0 = time.perf_counter()
         fetched = fetch_sources(package.sources, config, log=log)
-        extract_archive(fetched.path, ctx.src)
+        extract_source(fetched, ctx.src)
         timings.append(StepTiming("fetch+extract", time.perf_counter() - t0))
         if fetched.spec.prepare:
             timings += _prepare(ctx, fetched, log)
@@ -380,8 +414,16 @@ def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched
                     timings: list[StepTiming], tests: list[TestOutcome], ccache: CcacheStats | None,
                     sizes: dict[str, dict[str, dict[str, int]]]) -> None:
     root = ctx.staged_prefix
-    files = {str(p.relative_to(root)): file_record(p) for p in sorted(root.rglob("*"))
-             if p.is_file() and not p.is_symlink() and p.parts[len(root.parts)] != "logs"}
+    # Everything in the entry is listed (the store treats anything else as damage): installed files
+    # with their sha256, the build's logs likewise, and links with their targets.
+    found = sorted(walk_entry(root))
+    unexpected = [rel for rel, kind in found if kind == "other"]
+    if unexpected:
+        raise BuildError(f"the install of {ctx.package.target} made special files (FIFOs, sockets, devices): "
+                         + ", ".join(unexpected[:5]), hint="remove them in the recipe's install step")
+    files = {rel: file_record(root / rel) for rel, kind in found if kind == "file" and not rel.startswith("logs/")}
+    logs = {rel: file_record(root / rel) for rel, kind in found if kind == "file" and rel.startswith("logs/")}
+    links = {rel: os.readlink(root / rel) for rel, kind in found if kind == "link"}
     manifest = {
         "name": ctx.package.name,
         "version": ctx.package.version,
@@ -398,6 +440,8 @@ def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched
         "programs": {name: f"bin/{name}" + ("" if ctx.package.native else ".wasm") for name, _ in ctx.package.outputs},
         "native": ctx.package.native,
         "outputs": files,
+        "logs": logs,
+        "links": links,
         "tests": [t.as_dict() for t in tests],
         "steps": [{"name": t.name, "seconds": round(t.seconds, 2)} for t in timings],
         "ccache": asdict(ccache) if ccache else None,

@@ -18,14 +18,22 @@ import hashlib
 import json
 import os
 import shutil
+import stat
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import BuildError
+
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
+
+
+class StoreError(BuildError):
+    """The artifact store cannot take a finished build (full, read-only)."""
 
 
 def file_record(path: Path) -> dict[str, Any]:
@@ -62,12 +70,28 @@ class ArtifactStore:
     @contextmanager
     def lock(self, key: str, log: Log) -> Iterator[None]:
         """Held while a key is looked up and built: two builds that need it build it once."""
-        with exclusive_lock(self.root / ".locks" / f"{key}.lock", f"another build is producing {key[:12]}; waiting for it",
+        with exclusive_lock(self._locks() / f"{key}.lock", f"another build is producing {key[:12]}; waiting for it",
                             log):
             yield
 
+    def _locks(self) -> Path:
+        """Lock files live in the store; a store we cannot write to (a read-only mount, another user's
+        shared store) still serves hits, with its locks in a private directory of ours."""
+        locks = self.root / ".locks"
+        try:
+            locks.mkdir(parents=True, exist_ok=True)
+            if os.access(locks, os.W_OK):
+                return locks
+        except OSError:
+            pass
+        digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
+        private = Path(tempfile.gettempdir()) / f"wasmforge-locks-{os.getuid()}" / digest
+        private.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return private
+
     def problem(self, key: str) -> str | None:
-        """Why the entry for `key` cannot be used, or None when every file matches its manifest."""
+        """Why the entry for `key` cannot be used, or None when it holds exactly what its manifest lists:
+        every file with its sha256 and size, every link with its target, and nothing else."""
         entry = self.entry(key)
         try:
             manifest = json.loads((entry / MANIFEST).read_text())
@@ -77,10 +101,35 @@ class ArtifactStore:
             return f"manifest.json is unreadable ({exc})"
         if not isinstance(manifest, dict) or manifest.get("key") != key:
             return "manifest.json belongs to another build"
-        for rel, expected in manifest.get("outputs", {}).items():
-            path = entry / rel
-            if not path.is_file():
+        files = {**_mapping(manifest.get("outputs")), **_mapping(manifest.get("logs"))}
+        links = _mapping(manifest.get("links"))
+        try:
+            found = list(walk_entry(entry))
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror}: {exc.filename})"
+        for rel, kind in found:
+            if rel == MANIFEST:
+                continue
+            if kind == "link":
+                if rel not in links:
+                    return f"{rel} is a link that the manifest does not list"
+                if os.readlink(entry / rel) != links[rel]:
+                    return f"{rel} points elsewhere than the manifest says"
+            elif kind == "file":
+                if rel not in files:
+                    return f"{rel} is not in the manifest (an extra file)"
+            elif kind != "dir":
+                return f"{rel} is neither a file, a directory nor a link"
+        present = {rel for rel, kind in found}
+        for rel in sorted(links):
+            if rel not in present:
                 return f"{rel} is missing"
+        for rel, expected in sorted(files.items()):
+            path = entry / rel
+            if rel not in present or not path.is_file() or path.is_symlink():
+                return f"{rel} is missing"
+            if not isinstance(expected, dict):
+                return "manifest.json is malformed"
             if path.stat().st_size != expected.get("size"):
                 return f"{rel} has {path.stat().st_size} bytes, the manifest says {expected.get('size')}"
             if file_record(path)["sha256"] != expected.get("sha256"):
@@ -94,7 +143,10 @@ class ArtifactStore:
             return None
         if problem := self.problem(key):
             log(f"artifact store: discarding the damaged entry {entry}: {problem}")
-            self.discard(key)
+            try:
+                self.discard(key)
+            except OSError as exc:
+                log(f"artifact store: cannot remove it ({exc.strerror}); it is not used")
             return None
         return json.loads((entry / MANIFEST).read_text())
 
@@ -109,20 +161,37 @@ class ArtifactStore:
 
     def put(self, key: str, staged: Path) -> Path:
         """Move a finished prefix (with its manifest) into the store, atomically."""
-        self._sweep()
         entry = self.entry(key)
-        tmp = self._scratch(key)
+        tmp: Path | None = None
         try:
-            os.replace(staged, tmp)
+            self._sweep()
+            tmp = self._scratch(key)
+            try:
+                os.replace(staged, tmp)
+            except OSError as exc:
+                if exc.errno != errno.EXDEV:
+                    raise
+                shutil.copytree(staged, tmp, symlinks=True)
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            if entry.exists():  # a damaged entry: its replacement was built under the key's lock
+                self.discard(key)
+            os.replace(tmp, entry)
+            tmp = None
+            return entry
         except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            shutil.copytree(staged, tmp, symlinks=True)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        if entry.exists():  # a damaged entry: its replacement was built under the key's lock
-            self.discard(key)
-        os.replace(tmp, entry)
-        return entry
+            reason, code = exc.strerror, exc.errno
+            if isinstance(exc, shutil.Error) and exc.args and isinstance(exc.args[0], list) and exc.args[0]:
+                reason = str(exc.args[0][0][-1])  # copytree collects (src, dst, why) for each failure
+                code = next((c for c, text in ((errno.ENOSPC, "No space left"), (errno.EROFS, "Read-only"))
+                             if text in reason), None)
+            raise StoreError(f"cannot put the build into the artifact store: {reason}",
+                             where=str(exc.filename or entry),
+                             hint={errno.ENOSPC: "free some space (or point WASMFORGE_STORE elsewhere) and build again",
+                                   errno.EROFS: "the store is read-only: set WASMFORGE_STORE to a writable directory"}
+                             .get(code or 0, "check the store directory's permissions")) from None
+        finally:
+            if tmp is not None and (tmp.exists() or tmp.is_symlink()):
+                shutil.rmtree(tmp, ignore_errors=True)
 
     def manifests(self) -> Iterator[dict[str, Any]]:
         """Every entry's manifest (unverified: for explanations, not for use)."""
@@ -154,6 +223,40 @@ class ArtifactStore:
             pid = leftover.name.rsplit(".", 2)[1]
             if pid.isdigit() and not _alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
+
+
+def entry_containing(path: Path) -> tuple[ArtifactStore, str] | None:
+    """The store and key of the entry that `path` (or what it links to) lies in, if it is in one:
+    `<store>/<key[:2]>/<key>/...` with a manifest.json, whichever store that is."""
+    try:
+        resolved = path.resolve()
+    except OSError:
+        return None
+    for entry in (resolved, *resolved.parents):
+        key = entry.name
+        if len(key) == 64 and all(c in "0123456789abcdef" for c in key) and entry.parent.name == key[:2] \
+                and (entry / MANIFEST).is_file():
+            return ArtifactStore(entry.parent.parent), key
+    return None
+
+
+def walk_entry(root: Path) -> Iterator[tuple[str, str]]:
+    """(relative path, "file" | "dir" | "link" | "other") for everything under `root`, links not followed."""
+    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            mode = os.lstat(path).st_mode
+            kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
+                    else "file" if stat.S_ISREG(mode) else "other")
+            yield str(path.relative_to(root)), kind
+
+
+def _raise(exc: OSError) -> None:
+    raise exc
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _alive(pid: int) -> bool:
