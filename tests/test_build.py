@@ -310,7 +310,7 @@ def test_two_builds_of_the_same_target_at_once(project, toolchain):
 
 
 def test_cli_errors_have_no_traceback():
-    result = subprocess.run(["invoke", "build", "no-such-package-1.0"], cwd=ROOT, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "invoke", "build", "no-such-package-1.0"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 1
     assert "error: unknown package in 'no-such-package-1.0'" in result.stderr
     assert "Traceback" not in result.stderr

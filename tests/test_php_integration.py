@@ -6,6 +6,7 @@ import dataclasses
 import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import wasmtime
@@ -84,7 +85,7 @@ def test_php_7_4_32_refuses_a_renamed_7_4_33_tarball(php, toolchain, tmp_path):
 def test_cli_fetch_of_7_4_32_says_how_to_provide_the_file(php):
     config, _, _ = php
     env = {**os.environ, "WASMFORGE_OUTPUT": str(config.outputs)}
-    result = subprocess.run(["invoke", "fetch", "php-7.4.32"], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "invoke", "fetch", "php-7.4.32"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert result.returncode == 1
     assert "could not fetch php-7.4.32.tar.xz" in result.stderr
     assert "put it in a directory and run with WASMFORGE_MIRRORS" in result.stderr

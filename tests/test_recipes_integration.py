@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -65,11 +66,11 @@ def test_lua_error_handling_needs_and_has_exception_handling(built):
 def test_invoke_run_prints_2(built):
     config, _ = built
     env = {**os.environ, "WASMFORGE_OUTPUT": str(config.outputs)}
-    result = subprocess.run(["invoke", "run", "lua-5.4.7", "--", "-e", "print(1+1)"], cwd=ROOT, env=env,
+    result = subprocess.run([sys.executable, "-m", "invoke", "run", "lua-5.4.7", "--", "-e", "print(1+1)"], cwd=ROOT, env=env,
                             capture_output=True, text=True)
     assert result.stdout == "2\n", result.stderr
     assert result.returncode == 0
-    exit3 = subprocess.run(["invoke", "run", "lua-5.4.7", "--", "-e", "os.exit(3)"], cwd=ROOT, env=env)
+    exit3 = subprocess.run([sys.executable, "-m", "invoke", "run", "lua-5.4.7", "--", "-e", "os.exit(3)"], cwd=ROOT, env=env)
     assert exit3.returncode == 3
 
 
@@ -78,3 +79,26 @@ def test_rebuild_with_nothing_changed_is_up_to_date(built, toolchain):
     book = RecipeBook.load(config.recipes_dir)
     again = build_target(book, book.parse_target("lua-5.4.7"), config, toolchain, log=lambda m: None)
     assert again[-1].reused and again[-1].key == results["lua-5.4.7"].key
+
+
+def test_commands_refuse_an_edited_stored_module(built):
+    # Last in this file: it damages the stored lua build for a moment and puts it back.
+    config, results = built
+    env = {**os.environ, "WASMFORGE_OUTPUT": str(config.outputs)}
+    wasm = results["lua-5.4.7"].prefix / "bin" / "lua.wasm"
+    original = wasm.read_bytes()
+    stat = wasm.stat()
+    edited = bytearray(original)
+    edited[len(edited) // 2] ^= 0x01
+    wasm.write_bytes(bytes(edited))
+    os.utime(wasm, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    try:
+        for command in (["run", "lua-5.4.7", "--", "-e", "print(1+1)"], ["test", "lua-5.4.7"]):
+            result = subprocess.run([sys.executable, "-m", "invoke", *command], cwd=ROOT, env=env,
+                                    capture_output=True, text=True)
+            assert result.returncode == 1 and result.stdout == ""
+            assert "the stored build of lua-5.4.7 is damaged: bin/lua.wasm does not match its sha256" in result.stderr
+            assert "Traceback" not in result.stderr
+    finally:
+        wasm.write_bytes(original)
+        os.utime(wasm, ns=(stat.st_atime_ns, stat.st_mtime_ns))
