@@ -694,3 +694,52 @@ def test_a_killed_build_leaves_no_compiler_running(project, toolchain, tmp_path)
     while sleepers() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert sleepers() == []
+
+
+def _forge_stamp(directory: Path, path: Path, digest: str) -> None:
+    st = path.stat()
+    (directory / f"{st.st_dev}-{st.st_ino}").write_text(f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {digest}\n")
+
+
+def test_digests_are_remembered_per_file_state_and_only_in_a_private_directory(precompiled, launcher, tmp_path,
+                                                                              monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("WASMFORGE_CACHE", str(cache))
+    assert Runner().run(precompiled, ["prog", "exit", "4"]).precompiled
+    cwasm = precompiled_path(precompiled)
+    key = json.loads(cwasm.with_name(cwasm.name + ".json").read_text())
+    st = cwasm.stat()
+    stamp = cache / "verified" / f"{st.st_dev}-{st.st_ino}"
+    assert stamp.read_text() == f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns} {key['cwasm_sha256']}\n"
+    assert (cache / "verified").stat().st_mode & 0o777 == 0o700
+    # An edit changes the file's ctime, so the stamp no longer applies: the code is hashed again.
+    _edit_keeping_size_and_mtime(cwasm)
+    assert not Runner().run(precompiled, ["prog", "exit", "4"]).precompiled
+    # A stamp that claims the edited file is fine is believed only from a directory private to us.
+    (cache / "verified").chmod(0o777)
+    _forge_stamp(cache / "verified", cwasm, key["cwasm_sha256"])
+    assert not Runner().run(precompiled, ["prog", "exit", "4"]).precompiled
+    result = subprocess.run([str(launcher), str(precompiled), "exit", "4"], capture_output=True, text=True,
+                            env={**os.environ, "WASMFORGE_RUN_DEBUG": "1"})
+    assert result.returncode == 4 and "does not match its key" in result.stderr
+
+
+def test_a_patch_that_creates_a_link_out_of_the_tree_is_refused(project, tmp_path):
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.txt").write_text("a\n")
+    patch = project.patch("p", "1", "0001-link.patch", textwrap.dedent("""\
+        diff --git a/escape b/escape
+        new file mode 120000
+        --- /dev/null
+        +++ b/escape
+        @@ -0,0 +1 @@
+        +../../../../etc
+        \\ No newline at end of file
+        """))
+    from wasmforge.patches import apply_series
+
+    with pytest.raises(PatchError) as info:
+        apply_series(tree, patch_series(project.root / "patches", "p", "1", where="w"), tmp_path / "patch.log")
+    assert "point outside the source tree" in info.value.what and "escape -> ../../../../etc" in info.value.details
+    assert patch.exists()

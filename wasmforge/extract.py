@@ -233,6 +233,24 @@ class _Tree:
         os.utime(path, (mtime, mtime))
 
 
+def links_leaving(root: Path) -> list[str]:
+    """The links under `root` that resolve outside it (e.g. made by a git-style patch), as "path -> target"."""
+    tree = _Tree(root, ExtractLimits())
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                rel = tuple(path.relative_to(root).parts)
+                try:
+                    inside = tree._resolve(rel, follow_last=True) is not None
+                except _Refused:
+                    inside = False
+                if not inside:
+                    found.append(f"{'/'.join(rel)} -> {os.readlink(path)}")
+    return found
+
+
 def _parts(name: str) -> tuple[str, ...]:
     if "\0" in name:
         raise _Refused("NUL in its name")

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import PatchError, RecipeError
+from .extract import links_leaving
 
 _PATCHING = re.compile(r"^(?:patching|checking) file (?:'(?P<q>[^']+)'|(?P<f>\S+))")
 _FAILED = re.compile(r"^Hunk #(\d+) FAILED at (\d+)")
@@ -68,6 +69,12 @@ def apply_series(tree: Path, patches: list[Patch], log_file: Path) -> None:
             log.write(f"$ patch -p1 --fuzz=0 < {patch.path}\n{result.stdout}{result.stderr}\n")
             if result.returncode != 0:
                 raise _failure(patch, result.stdout + result.stderr, log_file)
+    # A git-style patch can create symbolic links: none may lead out of the tree (GNU patch does not
+    # write through links, so checking once after the series is enough).
+    if patches and (escaping := links_leaving(tree)):
+        raise PatchError("the patch series leaves links that point outside the source tree",
+                         where=str(patches[0].path.parent), details="\n".join(escaping[:10]),
+                         hint="the tree was discarded; a patch must not link outside the source")
 
 
 def _failure(patch: Patch, output: str, log_file: Path) -> PatchError:

@@ -7,8 +7,9 @@ uses it (it has a tag section).
 A precompiled module (`<name>.cwasm`, made by optimize.py) is native machine code that wasmtime maps
 and runs without checks of its own, so it is used only when it is exactly what we wrote: its sha256
 matches its key file (`<name>.cwasm.json`), the key names the sha256 of the `.wasm` beside it and this
-wasmtime, engine and CPU, and the bytes handed to wasmtime are the very bytes hashed. Otherwise the
-`.wasm` is compiled on the fly.
+wasmtime, engine and CPU, and wasmtime loads the very file that was checked (its open descriptor).
+Digests are remembered per file state (verified.py), so an unchanged module is not hashed again.
+Otherwise the `.wasm` is compiled on the fly.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from pathlib import Path
 import wasmtime
 
 from .errors import RunError
+from .verified import fd_sha256
 
 TAG_SECTION = 13
 NO_DEADLINE = 1 << 62
@@ -154,23 +156,31 @@ def precompiled_path(wasm: Path) -> Path:
 
 
 def load_precompiled(wasm: Path, engine: wasmtime.Engine, exceptions: bool) -> wasmtime.Module | None:
-    """The precompiled form of `wasm`, or None unless it is exactly the one we wrote for it and this engine."""
+    """The precompiled form of `wasm`, or None unless it is exactly the one we wrote for it and this engine.
+
+    Both files are checked through descriptors we keep open, and wasmtime is handed that very open
+    file (/proc/self/fd/N), so a file renamed into place after the check is never the one loaded.
+    """
     cwasm = precompiled_path(wasm)
     key_file = cwasm.with_name(cwasm.name + ".json")
     try:
         key = json.loads(key_file.read_text())
         if not isinstance(key, dict) or key.get("aot") != aot_key(exceptions):
             return None
-        if _sha256(wasm.read_bytes()) != key.get("wasm_sha256"):
-            return None  # the key (and its code) belongs to another module
-        code = cwasm.read_bytes()
-    except (OSError, ValueError):
-        return None
-    if _sha256(code) != key.get("cwasm_sha256"):
-        return None  # edited, truncated or replaced native code: never run it
-    try:
-        return wasmtime.Module.deserialize(engine, code)
-    except wasmtime.WasmtimeError:
+        with open(wasm, "rb") as module_file:
+            if fd_sha256(module_file.fileno()) != key.get("wasm_sha256"):
+                return None  # the key (and its code) belongs to another module
+        with open(cwasm, "rb") as code_file:
+            if fd_sha256(code_file.fileno()) != key.get("cwasm_sha256"):
+                return None  # edited, truncated or replaced native code: never run it
+            own = f"/proc/self/fd/{code_file.fileno()}"
+            if os.path.exists(own):
+                return wasmtime.Module.deserialize_file(engine, own)
+            code = code_file.read()
+            if _sha256(code) != key.get("cwasm_sha256"):
+                return None
+            return wasmtime.Module.deserialize(engine, code)
+    except (OSError, ValueError, wasmtime.WasmtimeError):
         return None
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildError
+from .verified import fd_sha256
 
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
@@ -37,11 +38,12 @@ class StoreError(BuildError):
 
 
 def file_record(path: Path) -> dict[str, Any]:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return {"sha256": digest.hexdigest(), "size": path.stat().st_size}
+    """sha256 and size of a file (the digest remembered per file state: see verified.py)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return {"sha256": fd_sha256(fd), "size": os.fstat(fd).st_size}
+    finally:
+        os.close(fd)
 
 
 @contextmanager

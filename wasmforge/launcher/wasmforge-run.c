@@ -12,13 +12,17 @@
  *
  * MODULE.cwasm is native code that wasmtime runs without checks of its own, so it is used only when
  * it is exactly what wasmforge wrote: its sha256 is the one in MODULE.cwasm.json, that key names the
- * sha256 of MODULE.wasm, and the bytes given to wasmtime are the bytes hashed; else MODULE.wasm is
- * compiled. A module inside an artifact store entry must also match the entry's manifest.json.
+ * sha256 of MODULE.wasm, and wasmtime loads the very file checked (our open descriptor, or the bytes
+ * hashed); else MODULE.wasm is compiled. A module inside an artifact store entry must also match the
+ * entry's manifest.json. Digests are remembered per file state in the same stamps as wasmforge's
+ * Python side (wasmforge/verified.py: <cache>/verified/<dev>-<inode>, "size mtime_ns ctime_ns sha256"),
+ * so an unchanged module is not hashed at every start.
  * Closed standard descriptors are given /dev/null first, so no file we open becomes the program's
  * stdin; a module blocked in a host call (reading stdin) past --timeout ends the process.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -55,6 +59,7 @@ extern void wasmtime_config_wasm_exceptions_set(wasm_config_t *, bool);
 extern void wasmtime_config_epoch_interruption_set(wasm_config_t *, bool);
 extern wasm_engine_t *wasm_engine_new_with_config(wasm_config_t *);
 extern wasmtime_error_t *wasmtime_module_deserialize(wasm_engine_t *, const uint8_t *, size_t, wasmtime_module_t **);
+extern wasmtime_error_t *wasmtime_module_deserialize_file(wasm_engine_t *, const char *, wasmtime_module_t **);
 extern wasmtime_error_t *wasmtime_module_new(wasm_engine_t *, const uint8_t *, size_t, wasmtime_module_t **);
 extern wasmtime_store_t *wasmtime_store_new(wasm_engine_t *, void *, void (*)(void *));
 extern wasmtime_context_t *wasmtime_store_context(wasmtime_store_t *);
@@ -114,26 +119,32 @@ static void *watchdog(void *engine) {
 }
 
 /* Whole file into memory (the bytes we hash are the bytes we use); NULL if it cannot be read. */
-static uint8_t *read_file(const char *path, size_t *size) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    uint8_t *data = NULL;
-    size_t used = 0, capacity = 0;
+static uint8_t *read_fd(int fd, size_t *size) {
+    struct stat st;
+    if (fstat(fd, &st) != 0) return NULL;
+    size_t capacity = st.st_size > 0 ? (size_t)st.st_size + 1 : 1 << 16, used = 0;
+    uint8_t *data = malloc(capacity);
+    if (!data) return NULL;
     for (;;) {
         if (used == capacity) {
-            capacity = capacity ? capacity * 2 : (1 << 20);
-            uint8_t *grown = realloc(data, capacity);
-            if (!grown) { free(data); fclose(f); return NULL; }
+            uint8_t *grown = realloc(data, capacity *= 2);
+            if (!grown) { free(data); return NULL; }
             data = grown;
         }
-        size_t n = fread(data + used, 1, capacity - used, f);
-        used += n;
+        ssize_t n = pread(fd, data + used, capacity - used, (off_t)used);
+        if (n < 0) { if (errno == EINTR) continue; free(data); return NULL; }
         if (n == 0) break;
+        used += (size_t)n;
     }
-    bool failed = ferror(f);
-    fclose(f);
-    if (failed) { free(data); return NULL; }
     *size = used;
+    return data;
+}
+
+static uint8_t *read_file(const char *path, size_t *size) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return NULL;
+    uint8_t *data = read_fd(fd, size);
+    close(fd);
     return data;
 }
 
@@ -141,6 +152,73 @@ static void sha256_hex(const uint8_t *data, size_t size, char out[65]) {
     unsigned char digest[32];
     SHA256(data, size, digest);
     for (int k = 0; k < 32; k++) snprintf(out + 2 * k, 3, "%02x", digest[k]);
+}
+
+/* <cache>/verified, as wasmforge's default_cache_dir() finds <cache>; NULL when it is not private to us. */
+static const char *stamps_dir(void) {
+    static char dir[4096];
+    const char *cache = getenv("WASMFORGE_CACHE"), *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    int n;
+    if (cache && *cache) n = snprintf(dir, sizeof dir, "%s/verified", cache);
+    else if (xdg && *xdg) n = snprintf(dir, sizeof dir, "%s/wasmforge/verified", xdg);
+    else if (home && *home) n = snprintf(dir, sizeof dir, "%s/.cache/wasmforge/verified", home);
+    else return NULL;
+    if (n < 0 || (size_t)n >= sizeof dir) return NULL;
+    struct stat st;
+    if (stat(dir, &st) != 0) {
+        if (mkdir(dir, 0700) != 0 || stat(dir, &st) != 0) return NULL;
+    }
+    if (!S_ISDIR(st.st_mode) || st.st_uid != getuid() || (st.st_mode & 077)) return NULL;
+    return dir;
+}
+
+/* The sha256 of an open file: from its stamp while the file's state is unchanged, else hashed (and
+ * stamped). When it had to be read, *bytes receives the content (the caller frees it). */
+static bool fd_sha256(int fd, char out[65], uint8_t **bytes, size_t *size) {
+    struct stat st;
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) return false;
+    char state[128], stamp[4200], text[256];
+    snprintf(state, sizeof state, "%lld %lld %lld", (long long)st.st_size,
+             (long long)st.st_mtim.tv_sec * 1000000000LL + st.st_mtim.tv_nsec,
+             (long long)st.st_ctim.tv_sec * 1000000000LL + st.st_ctim.tv_nsec);
+    const char *dir = stamps_dir();
+    if (dir) {
+        snprintf(stamp, sizeof stamp, "%s/%llu-%llu", dir, (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+        FILE *f = fopen(stamp, "r");
+        if (f) {
+            size_t n = fread(text, 1, sizeof text - 1, f);
+            fclose(f);
+            text[n] = '\0';
+            size_t len = strlen(state);
+            if (n == len + 66 && strncmp(text, state, len) == 0 && text[len] == ' ' && text[len + 65] == '\n') {
+                bool hex = true;
+                for (int k = 0; k < 64; k++) {
+                    char c = text[len + 1 + k];
+                    hex = hex && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'));
+                }
+                if (hex) {
+                    memcpy(out, text + len + 1, 64);
+                    out[64] = '\0';
+                    return true;
+                }
+            }
+        }
+    }
+    uint8_t *data = read_fd(fd, size);
+    if (!data) return false;
+    sha256_hex(data, *size, out);
+    *bytes = data;
+    if (dir) {
+        char tmp[4300];
+        snprintf(tmp, sizeof tmp, "%s.tmp-%d", stamp, (int)getpid());
+        FILE *f = fopen(tmp, "w");
+        if (f) {
+            bool ok = fprintf(f, "%s %s\n", state, out) > 0;
+            ok = (fclose(f) == 0) && ok;
+            if (!ok || rename(tmp, stamp) != 0) unlink(tmp);
+        }
+    }
+    return true;
 }
 
 /* The 64 hex digits after `"<field>": "` following `after` in a JSON text we wrote; false if absent. */
@@ -195,11 +273,14 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
     memcpy(cwasm, wasm, n + 1);
     if (n > 5 && strcmp(wasm + n - 5, ".wasm") == 0) strcpy(cwasm + n - 5, ".cwasm");
     snprintf(key_path, n + 8, "%s.json", cwasm);
-    size_t wasm_size = 0;
-    uint8_t *wasm_bytes = read_file(wasm, &wasm_size);
-    if (!wasm_bytes) { fprintf(stderr, "wasmforge-run: cannot read %s: %s\n", wasm, strerror(errno)); exit(1); }
+    int wasm_fd = open(wasm, O_RDONLY | O_CLOEXEC);
     char wasm_sha[65], expected[65];
-    sha256_hex(wasm_bytes, wasm_size, wasm_sha);
+    uint8_t *wasm_bytes = NULL;
+    size_t wasm_size = 0;
+    if (wasm_fd < 0 || !fd_sha256(wasm_fd, wasm_sha, &wasm_bytes, &wasm_size)) {
+        fprintf(stderr, "wasmforge-run: cannot read %s: %s\n", wasm, strerror(errno));
+        exit(1);
+    }
 
     /* In a store entry (ENTRY/bin/NAME.wasm beside ENTRY/manifest.json) the module must be the one built. */
     const char *slash = strrchr(wasm, '/');
@@ -223,25 +304,34 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
     wasmtime_module_t *module = NULL;
     char *key = text_file(key_path);
     char cwasm_sha[65];
+    int code_fd = -1;
     size_t code_size = 0;
     uint8_t *code = NULL;
     if (key && json_hex(key, NULL, "wasm_sha256", expected) && strcmp(expected, wasm_sha) == 0 &&
-        json_hex(key, NULL, "cwasm_sha256", expected) && (code = read_file(cwasm, &code_size)) != NULL) {
-        sha256_hex(code, code_size, cwasm_sha);
+        json_hex(key, NULL, "cwasm_sha256", expected) && (code_fd = open(cwasm, O_RDONLY | O_CLOEXEC)) >= 0 &&
+        fd_sha256(code_fd, cwasm_sha, &code, &code_size)) {
         if (strcmp(cwasm_sha, expected) == 0) {
-            /* wasmtime accepts precompiled code only from the same version and settings: try the
-             * settings with exception handling (as our builds mostly are), then without. */
+            /* wasmtime loads what was checked: the bytes hashed, or (from a stamp) our open descriptor,
+             * which a file renamed into place cannot change. It accepts precompiled code only from the
+             * same version and settings: try with exception handling (as our builds mostly are), then
+             * without. */
+            char own[64];
+            snprintf(own, sizeof own, "/proc/self/fd/%d", code_fd);
             for (int exceptions = 1; exceptions >= 0; exceptions--) {
                 wasm_config_t *config = wasm_config_new();
                 wasmtime_config_wasm_exceptions_set(config, exceptions);
                 wasmtime_config_epoch_interruption_set(config, true);
                 wasm_engine_t *engine = wasm_engine_new_with_config(config);
-                if (!wasmtime_module_deserialize(engine, code, code_size, &module)) {
+                wasmtime_error_t *error = code ? wasmtime_module_deserialize(engine, code, code_size, &module)
+                                               : wasmtime_module_deserialize_file(engine, own, &module);
+                if (!error) {
                     if (debug) fprintf(stderr, "wasmforge-run: precompiled %s\n", cwasm);
                     *engine_out = engine;
                     free(code);
                     free(key);
                     free(wasm_bytes);
+                    close(code_fd);
+                    close(wasm_fd);
                     return module;
                 }
             }
@@ -249,8 +339,17 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
             fprintf(stderr, "wasmforge-run: %s does not match its key's sha256; not used\n", cwasm);
         }
     }
+    if (code_fd >= 0) close(code_fd);
     free(code);
     free(key);
+    if (!wasm_bytes) {
+        wasm_bytes = read_fd(wasm_fd, &wasm_size);
+        char again[65];
+        if (!wasm_bytes) { fprintf(stderr, "wasmforge-run: cannot read %s\n", wasm); exit(1); }
+        sha256_hex(wasm_bytes, wasm_size, again);
+        if (strcmp(again, wasm_sha) != 0) { fprintf(stderr, "wasmforge-run: %s changed while starting\n", wasm); exit(1); }
+    }
+    close(wasm_fd);
     wasm_config_t *config = wasm_config_new();
     wasmtime_config_wasm_exceptions_set(config, true);
     wasmtime_config_epoch_interruption_set(config, true);

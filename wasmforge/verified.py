@@ -1,0 +1,82 @@
+"""The sha256 of a file, hashed once per state of the file and remembered outside it.
+
+Checking a store entry or a precompiled module means hashing tens of megabytes at every start. A file
+whose content changed always has a new change time (ctime), which no user can set, so the digest is
+remembered per file state: `<cache>/verified/<dev>-<inode>` holds `size mtime_ns ctime_ns sha256`,
+taken from the *open* file (fstat before reading), and trusted only while all four still match and the
+directory is private to this user (mode 0700, ours). An edit, a truncation, a file renamed into place
+or copied over: each changes the state, and the file is hashed again. wasmforge-run (launcher/) reads
+and writes the same stamps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+from .config import default_cache_dir
+
+CHUNK = 1 << 20
+
+
+def stamps_dir() -> Path:
+    return default_cache_dir() / "verified"
+
+
+def _private(directory: Path) -> bool:
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o077
+
+
+def fd_sha256(fd: int) -> str:
+    """The sha256 of an open file's content (from its start), remembered for its current state."""
+    st = os.fstat(fd)
+    state = f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
+    directory = stamps_dir()
+    stamp = directory / f"{st.st_dev}-{st.st_ino}"
+    if stat.S_ISREG(st.st_mode) and _private(directory):
+        with contextlib.suppress(OSError, ValueError):
+            remembered, digest = stamp.read_text().rsplit(" ", 1)
+            digest = digest.strip()
+            if remembered == state and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+                return digest
+    hasher = hashlib.sha256()
+    offset = 0
+    while chunk := os.pread(fd, CHUNK, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    digest = hasher.hexdigest()
+    if stat.S_ISREG(st.st_mode):
+        _remember(directory, stamp, f"{state} {digest}\n")
+    return digest
+
+
+def file_sha256(path: Path) -> str:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return fd_sha256(fd)
+    finally:
+        os.close(fd)
+
+
+def _remember(directory: Path, stamp: Path, text: str) -> None:
+    """Write a stamp atomically; a cache we cannot write only costs speed."""
+    with contextlib.suppress(OSError):
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not _private(directory):
+            return
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".stamp-")
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(text)
+            os.replace(tmp, stamp)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
