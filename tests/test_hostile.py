@@ -664,8 +664,9 @@ def test_a_full_store_is_one_message_and_leaves_nothing_half_written(project, to
     assert "STORED: " not in run.stdout  # no entry, nothing half-written
 
 
-def test_a_killed_build_leaves_no_compiler_running(project, toolchain, tmp_path):
-    marker = f"{os.getpid() % 1000 + 98000}"
+@pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGINT, signal.SIGTERM])
+def test_a_killed_build_leaves_no_compiler_running(project, toolchain, tmp_path, how):
+    marker = f"{os.getpid() % 1000 + 98000 + 1000 * int(how)}"
     sha = _source(project, "slow", "1.0", {"Makefile": f"all:\n\tsleep {marker} & sleep {marker}.5; wait\n"})
     project.recipe("slow", _recipe("slow", sha, """\
         build:
@@ -688,8 +689,8 @@ def test_a_killed_build_leaves_no_compiler_running(project, toolchain, tmp_path)
     while len(sleepers()) < 2 and time.monotonic() < deadline:  # the shell and its two sleeps
         time.sleep(0.2)
     assert len(sleepers()) >= 2, "the build's make step did not start"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.send_signal(how)  # SIGINT: as Ctrl-C would (the steps are in process groups of their own)
+    proc.wait(timeout=30)
     deadline = time.monotonic() + 10
     while sleepers() and time.monotonic() < deadline:
         time.sleep(0.2)
