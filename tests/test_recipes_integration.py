@@ -74,6 +74,15 @@ def test_invoke_run_prints_2(built):
     assert exit3.returncode == 3
 
 
+def test_invoke_run_with_stdin_closed_gives_the_module_an_empty_stdin(built):
+    config, _ = built
+    env = {**os.environ, "WASMFORGE_OUTPUT": str(config.outputs)}
+    command = [sys.executable, "-m", "invoke", "run", "lua-5.4.7", "--", "-e", "io.write('[', io.read('a'), ']')"]
+    result = subprocess.run(["bash", "-c", 'exec "$@" <&-', "bash", *command], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.stdout == "[]" and result.returncode == 0, result.stderr
+
+
 def test_rebuild_with_nothing_changed_is_up_to_date(built, toolchain):
     config, results = built
     book = RecipeBook.load(config.recipes_dir)
