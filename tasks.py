@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import os
 import shlex
 import shutil
 import sys
@@ -62,6 +63,10 @@ def cli(func: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)
             raise Exit(code=130) from None
+        except BrokenPipeError:
+            # The reader went away (`invoke list | head`): nothing to say, nobody to say it to.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise Exit(code=141) from None
         except OSError as exc:
             # A read-only or full disk, a permission: one message with the path, no traceback.
             where = f" ({exc.filename})" if exc.filename else ""

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import textwrap
 
 import pytest
 
 from wasmforge.config import Config
 from wasmforge.errors import RecipeError
-from wasmforge.recipe import RecipeBook, load_recipe
+from wasmforge.recipe import RecipeBook, load_recipe, spdx_problem
 
 SHA = "a" * 64
 
@@ -179,3 +180,28 @@ native:
     native = book.package(dataclasses.replace(book.parse_target("tiny-1.0"), native=True))
     assert native.native and native.build["cflags"] == ["-O3"] and native.depends == ()
     assert native.tests == () and native.output_key == "1.0-native"
+
+
+@pytest.mark.parametrize("license, message", [
+    ("Foo-1.0", "Unknown license key"),
+    ("MIT AND", "AND requires two or more licenses"),
+    ("mit", "write it as 'MIT'"),
+    ("MIT OR (Zlib", "not a valid SPDX license expression"),
+])
+def test_the_licence_must_be_a_valid_spdx_expression(project, license, message):
+    path = project.recipe("lic", textwrap.dedent(f"""\
+        name: lic
+        summary: s
+        license: "{license}"
+        versions: {{"1.0": {{sha256: {"a" * 64}}}}}
+        source: {{url: "https://example.invalid/x.tar.gz"}}
+        build: {{system: make}}
+        """))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert message in info.value.what and info.value.where == f"{path}:3"
+
+
+def test_the_recipes_licences_are_spdx(project):
+    for name in ("MIT", "PHP-3.01", "blessing", "Zlib", "BSD-2-Clause", "MIT AND Zlib"):
+        assert spdx_problem(name) is None

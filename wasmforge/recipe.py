@@ -8,16 +8,19 @@ stage, because they see the toolchain and install prefixes (`Package.render`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.sandbox
 
+from .config import default_cache_dir
 from .errors import RecipeError
 from .extract import ExtractLimits
 from .yamlspans import KeyPath, SpannedDoc, load_spanned
@@ -399,6 +402,53 @@ def _is_positive_int(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
         raise doc.error(path, f"must be a positive whole number, not {value!r}")
 
 
+@cache
+def _spdx_licensing():  # type: ignore[no-untyped-def]
+    from license_expression import get_spdx_licensing
+
+    return get_spdx_licensing()
+
+
+def spdx_problem(expression: str) -> str | None:
+    """Why `expression` is not a valid SPDX license expression in its canonical spelling, or None.
+
+    Loading the SPDX licence list takes a quarter of a second, which every command that reads recipes
+    would pay: expressions found valid are remembered (per version of the library) in the cache."""
+    from importlib.metadata import version
+
+    marker = default_cache_dir() / "spdx-valid" / hashlib.sha256(
+        f"{version('license-expression')}\0{expression}".encode()).hexdigest()
+    if marker.is_file():
+        return None
+    problem = _spdx_check(expression)
+    if problem is None:
+        with contextlib.suppress(OSError):
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(expression + "\n")
+    return problem
+
+
+def _spdx_check(expression: str) -> str | None:
+    licensing = _spdx_licensing()
+    try:
+        licensing.parse(expression, validate=True, strict=True)  # its messages are the clearest
+        info = licensing.validate(expression, strict=True)
+    except Exception as exc:  # noqa: BLE001 (the library raises several kinds for malformed input)
+        return str(exc) or type(exc).__name__
+    if info.errors:
+        return "; ".join(str(e) for e in info.errors)
+    if info.normalized_expression != expression:
+        return f"write it as {info.normalized_expression!r}"
+    return None
+
+
+def _is_spdx(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_str(doc, path, value)
+    if problem := spdx_problem(value):
+        raise doc.error(path, f"{value!r} is not a valid SPDX license expression: {problem}",
+                        hint="use identifiers from https://spdx.org/licenses/ joined by AND, OR, WITH")
+
+
 def _is_file_name(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
     _is_str(doc, path, value)
     if "${{" not in value and not is_plain_file_name(value):
@@ -549,7 +599,7 @@ _recipe_check = _record(
     {
         "name": _is_str,
         "summary": _is_str,
-        "license": _is_str,
+        "license": _is_spdx,
         "homepage": _is_str,
         "versions": _map_of(_version_check),
         "source": _source_check,
