@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from wasmforge.runtime import reserve_std_fds
+from wasmforge.stdio import reserve_std_fds
 
 # Before anything opens a file: a closed stdin must not become the descriptor of a module or .cwasm.
 reserve_std_fds()
@@ -25,25 +25,12 @@ reserve_std_fds()
 from invoke import task  # noqa: E402
 from invoke.exceptions import Exit  # noqa: E402
 
-from wasmforge.bench import BENCH_HEADER, render, run_bench  # noqa: E402
-from wasmforge.compare import run_native, run_wasm, side_by_side  # noqa: E402
+# Only what every command needs is imported here; each task imports its stages itself, so that
+# `invoke run` does not pay for the build machinery (requests, the toolchain, benchmarks).
 from wasmforge.config import Config, positive_number  # noqa: E402
-from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance  # noqa: E402
 from wasmforge.errors import WasmforgeError  # noqa: E402
-from wasmforge.pipeline import (  # noqa: E402
-    PackageOutcome,
-    build_target,
-    output_dir,
-    read_manifest,
-    stored_output,
-)
-from wasmforge.pipeline import explain as explain_build  # noqa: E402
+from wasmforge.outputs import output_dir, read_manifest, stored_output  # noqa: E402
 from wasmforge.recipe import RecipeBook  # noqa: E402
-from wasmforge.run import build_launcher, parse_dir, parse_env  # noqa: E402
-from wasmforge.runtime import Runner  # noqa: E402
-from wasmforge.smoke import run_smoke_tests  # noqa: E402
-from wasmforge.sources import fetch_sources  # noqa: E402
-from wasmforge.toolchain import ensure_host_packages, find_toolchain, host_toolchain, install_toolchain  # noqa: E402
 
 
 def log(message: str) -> None:
@@ -129,6 +116,7 @@ def list_(ctx):
 @cli
 def toolchain(ctx, install=False, from_="auto"):
     """Show the WASI toolchain that builds use (and why it was chosen); --install provisions one."""
+    from wasmforge.toolchain import find_toolchain, install_toolchain
     config = _config()
     if install:
         tc = install_toolchain(config, source=from_, log=log)
@@ -143,6 +131,7 @@ def toolchain(ctx, install=False, from_="auto"):
 @cli
 def fetch(ctx, target, mirror=None):
     """Fetch and verify a package's source (and its dependencies') without building."""
+    from wasmforge.sources import fetch_sources
     config = _config(mirror=mirror)
     book = RecipeBook.load(config.recipes_dir)
     for t in book.build_order(book.parse_target(target)):
@@ -167,6 +156,9 @@ def fetch(ctx, target, mirror=None):
 def build(ctx, target, flavor=None, jobs=None, force=False, no_test=False, mirror=None, native=False, explain=False,
           no_ccache=False, debug=False):
     """Build a package and its dependencies, precompile its modules and run its smoke tests."""
+    from wasmforge.pipeline import PackageOutcome, build_target
+    from wasmforge.pipeline import explain as explain_build
+    from wasmforge.toolchain import ensure_host_packages, find_toolchain, host_toolchain
     config = _config(jobs=jobs, mirror=mirror)
     if no_ccache or debug:
         config = dataclasses.replace(config, use_ccache=not no_ccache, debug=debug)
@@ -209,6 +201,8 @@ def _built(config: Config, book: RecipeBook, target: str, flavor: str | None = N
 @cli
 def test(ctx, target, flavor=None):
     """Run a built package's smoke tests again."""
+    from wasmforge.runtime import Runner
+    from wasmforge.smoke import run_smoke_tests
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
     package, out, _ = _built(config, book, target, flavor)
@@ -230,6 +224,8 @@ def test(ctx, target, flavor=None):
 @cli
 def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None, no_precompiled=False):
     """Run a built program: invoke run lua-5.4.7 -- -e "print(1+1)"."""
+    from wasmforge.run import parse_dir, parse_env
+    from wasmforge.runtime import Runner
     seconds = _number("--timeout", timeout)
     mib = _number("--memory", memory, integer=True)
     config = _config()
@@ -255,6 +251,7 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
 @cli
 def compare(ctx, target, script, program=None, width=0):
     """Run a script natively and in wasm, side by side: invoke compare php-7.4.33 examples/php/docroot/index.php."""
+    from wasmforge.compare import run_native, run_wasm, side_by_side
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
@@ -276,6 +273,7 @@ def compare(ctx, target, script, program=None, width=0):
 @cli
 def conformance(ctx, target, jobs=None, output="docs/conformance.md", from_logs=False):
     """Run PHP's run-tests.php on the wasm and native builds: invoke conformance php-7.4.33 [-- DIRS...]."""
+    from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance
     config = _config(jobs=jobs)
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
@@ -300,6 +298,8 @@ def conformance(ctx, target, jobs=None, output="docs/conformance.md", from_logs=
 @cli
 def bench(ctx, target, runs="21", no_builds=False, output="docs/benchmarks.md"):
     """Measure build times, sizes, start-up and run time against the native build; append to docs/benchmarks.md."""
+    from wasmforge.bench import BENCH_HEADER, render, run_bench
+    from wasmforge.toolchain import find_toolchain
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
     t = book.parse_target(target)
@@ -321,6 +321,7 @@ def bench(ctx, target, runs="21", no_builds=False, output="docs/benchmarks.md"):
 @cli
 def launcher(ctx):
     """Build wasmforge-run, the fastest way to start a built module from a shell (no Python), and print its path."""
+    from wasmforge.run import build_launcher
     path = build_launcher(_config().cache_dir)
     print(path)
     log(f"usage: {path.name} [--dir GUEST:HOST]... [--env K=V]... build-output/<pkg>/<version>/bin/<program>.wasm [ARGS...]")

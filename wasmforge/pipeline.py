@@ -46,16 +46,19 @@ from .optimize import (
     optimize_module,
     precompile,
 )
+from .outputs import MANIFEST, output_dir, read_manifest, stored_output
 from .patches import Patch, apply_series, patch_series
 from .recipe import Package, RecipeBook, Target
 from .runtime import Runner
 from .smoke import TestOutcome, run_smoke_tests
 from .sources import FetchedSource, extract_source, fetch_sources
-from .store import ArtifactStore, differences, entry_containing, exclusive_lock, file_record, walk_entry
+from .store import ArtifactStore, differences, exclusive_lock, file_record, walk_entry
+
+__all__ = ["BuildResult", "PackageOutcome", "build_target", "explain", "output_dir", "plan", "read_manifest",
+           "stored_output"]
 from .toolchain import HostToolchain, Toolchain, ensure_host_packages
 
 Log = Callable[[str], None]
-MANIFEST = "manifest.json"
 # Bump when the build logic changes in a way that changes outputs or entries.
 # 3: manifests list logs and links too (an entry holds exactly what its manifest lists).
 BUILD_LOGIC_VERSION = "3"
@@ -77,36 +80,6 @@ class PlannedBuild:
     patches: list[Patch]
     inputs: dict[str, Any]
     key: str
-
-
-def output_dir(config: Config, package: Package) -> Path:
-    return config.outputs / package.name / package.output_key
-
-
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads((directory / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def stored_output(config: Config, package: Package) -> tuple[Path, dict[str, Any]]:
-    """build-output/<pkg>/<version> and its manifest, for commands that use a finished build: the store
-    entry it points to is verified first (every file, nothing extra), and a damaged one is refused."""
-    out = output_dir(config, package)
-    manifest = read_manifest(out)
-    if manifest is None:
-        raise WasmforgeError(f"{package.target} is not built (no {out / MANIFEST})",
-                             hint=f"build it first: invoke build {package.target}")
-    found = entry_containing(out)
-    if found is None or found[0].entry(found[1]) != out.resolve():
-        raise WasmforgeError(f"{out} is not an artifact store entry (made by an older wasmforge?)",
-                             hint=f"rebuild it: invoke build {package.target}")
-    store, key = found
-    if problem := store.problem(key):
-        raise WasmforgeError(f"the stored build of {package.target} is damaged: {problem}", where=str(store.entry(key)),
-                             hint=f"nothing was run; `invoke build {package.target}` discards it and builds again")
-    return out, read_manifest(out) or manifest
 
 
 def wasm_opt_flags(package: Package) -> list[str]:

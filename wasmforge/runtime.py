@@ -30,7 +30,10 @@ from pathlib import Path
 import wasmtime
 
 from .errors import RunError
+from .stdio import reserve_std_fds
 from .verified import fd_sha256
+
+__all__ = ["RunResult", "Runner", "load_precompiled", "reserve_std_fds", "uses_exceptions"]
 
 TAG_SECTION = 13
 NO_DEADLINE = 1 << 62
@@ -136,19 +139,6 @@ def _read_leb(f) -> int:  # type: ignore[no-untyped-def]
         shift += 7
         if shift > 35:
             raise ValueError("LEB128 too long")
-
-
-def reserve_std_fds() -> None:
-    """Give closed stdin/stdout/stderr /dev/null, so that a file opened later (a module, a .cwasm)
-    never takes descriptor 0, 1 or 2 and is handed to the program as its standard input or output."""
-    for fd, mode in ((0, os.O_RDONLY), (1, os.O_WRONLY), (2, os.O_WRONLY)):
-        try:
-            os.fstat(fd)
-        except OSError:
-            null = os.open(os.devnull, mode)
-            if null != fd:
-                os.dup2(null, fd)
-                os.close(null)
 
 
 def precompiled_path(wasm: Path) -> Path:
