@@ -14,6 +14,7 @@ import wasmtime
 from .errors import BuildError
 from .runtime import aot_key, make_engine, precompiled_path, uses_exceptions
 from .toolchain import WasmOpt
+from .verified import file_sha256
 
 
 def compile_module(wasm: Path) -> wasmtime.Module:
@@ -50,7 +51,7 @@ def precompile(wasm: Path, module: wasmtime.Module | None = None) -> Path:
     cwasm = precompiled_path(wasm)
     key = {
         "aot": aot_key(exceptions),
-        "wasm_sha256": hashlib.sha256(wasm.read_bytes()).hexdigest(),
+        "wasm_sha256": file_sha256(wasm),
         "wasm_size": wasm.stat().st_size,
         "cwasm_sha256": hashlib.sha256(data).hexdigest(),
         "cwasm_size": len(data),

@@ -187,47 +187,39 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
     waiting = {item.package.name: item for item in planned}
     jobserver = JobServer(config.jobs) if config.jobs > 1 else None
     try:
-        return _schedule(planned, outcomes, deps, waiting, config, toolchain, target, log=log, force=force,
-                         run_tests=run_tests, jobserver=jobserver, summary=summary)
+        with ThreadPoolExecutor(max_workers=max(1, config.jobs)) as pool:
+            running: dict[Future[BuildResult], str] = {}
+            try:
+                while waiting or running:
+                    for name, item in list(waiting.items()):
+                        failed = next((d for d in deps[name] if outcomes[d].error or outcomes[d].skipped_for), None)
+                        if failed:
+                            outcomes[name].skipped_for = outcomes[failed].skipped_for or outcomes[failed].target
+                            log(f"{item.package.target}: not built: {outcomes[name].skipped_for} failed")
+                            del waiting[name]
+                        elif all(outcomes[d].result for d in deps[name]):
+                            prefixes = {d: outcomes[d].result.prefix for d in deps[name]}  # type: ignore[union-attr]
+                            running[pool.submit(build_package, item, config, toolchain, dep_prefixes=prefixes, log=log,
+                                                force=force and item.package.target == str(target),
+                                                run_tests=run_tests, jobserver=jobserver)] = name
+                            del waiting[name]
+                    if not running:
+                        continue
+                    done, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        name = running.pop(future)
+                        try:
+                            outcomes[name].result = future.result()
+                        except Exception as exc:  # noqa: BLE001 (kept and re-raised once the others finish)
+                            outcomes[name].error = exc
+                            log(f"{outcomes[name].target}: failed")
+            except BaseException:
+                # Leaving the pool waits for its threads, which wait for their steps: stop those first.
+                stop_running_steps()
+                raise
     finally:
         if jobserver:
             jobserver.close()
-
-
-def _schedule(planned: list[PlannedBuild], outcomes: dict[str, PackageOutcome], deps: dict[str, list[str]],
-              waiting: dict[str, PlannedBuild], config: Config, toolchain: Toolchain | HostToolchain, target: Target, *,
-              log: Log, force: bool, run_tests: bool, jobserver: JobServer | None,
-              summary: list[PackageOutcome] | None) -> list[BuildResult]:
-    with ThreadPoolExecutor(max_workers=max(1, config.jobs)) as pool:
-        running: dict[Future[BuildResult], str] = {}
-        try:
-            while waiting or running:
-                for name, item in list(waiting.items()):
-                    failed = next((d for d in deps[name] if outcomes[d].error or outcomes[d].skipped_for), None)
-                    if failed:
-                        outcomes[name].skipped_for = outcomes[failed].skipped_for or outcomes[failed].target
-                        log(f"{item.package.target}: not built: {outcomes[name].skipped_for} failed")
-                        del waiting[name]
-                    elif all(outcomes[d].result for d in deps[name]):
-                        prefixes = {d: outcomes[d].result.prefix for d in deps[name]}  # type: ignore[union-attr]
-                        running[pool.submit(build_package, item, config, toolchain, dep_prefixes=prefixes, log=log,
-                                            force=force and item.package.target == str(target),
-                                            run_tests=run_tests, jobserver=jobserver)] = name
-                        del waiting[name]
-                if not running:
-                    continue
-                done, _ = wait(running, return_when=FIRST_COMPLETED)
-                for future in done:
-                    name = running.pop(future)
-                    try:
-                        outcomes[name].result = future.result()
-                    except Exception as exc:  # noqa: BLE001 (kept and re-raised once the others finish)
-                        outcomes[name].error = exc
-                        log(f"{outcomes[name].target}: failed")
-        except BaseException:
-            # Leaving the pool waits for its threads, which wait for their steps: stop those first.
-            stop_running_steps()
-            raise
     if summary is not None:
         summary.extend(outcomes.values())
     if failure := next((o.error for o in outcomes.values() if o.error), None):

@@ -190,7 +190,7 @@ class Runner:
             raise RunError(f"no module at {wasm}", hint="build it first: invoke build <package>-<version>")
         exceptions = uses_exceptions(wasm)
         engine = make_engine(exceptions)
-        module = self._load_precompiled(wasm, engine, exceptions) if self.use_precompiled else None
+        module = load_precompiled(wasm, engine, exceptions) if self.use_precompiled else None
         precompiled = module is not None
         if module is None:
             try:
@@ -199,10 +199,6 @@ class Runner:
                 raise RunError(f"wasmtime cannot compile {wasm}", details=str(exc)) from None
         self._modules[wasm] = (module, exceptions, precompiled)
         return self._modules[wasm]
-
-    @staticmethod
-    def _load_precompiled(wasm: Path, engine: wasmtime.Engine, exceptions: bool) -> wasmtime.Module | None:
-        return load_precompiled(wasm, engine, exceptions)
 
     def run(self, wasm: Path, argv: list[str], *, env: dict[str, str] | None = None,
             dirs: list[tuple[str, Path]] | None = None, stdin: bytes | None = None,

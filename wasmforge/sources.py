@@ -34,9 +34,10 @@ from .debian_archive import DebianArchive
 from .errors import SourceError
 from .extract import extract_archive
 from .recipe import SourceSpec
+from .verified import file_sha256
 
 __all__ = ["FetchedSource", "cache_path", "download_file", "extract_archive", "extract_source", "fetch_one",
-           "fetch_sources", "sha256_file"]
+           "fetch_sources"]
 
 Log = Callable[[str], None]
 CHUNK = 1 << 16
@@ -62,14 +63,6 @@ class _Miss(Exception):
 
 def cache_path(config: Config, sha256: str, filename: str) -> Path:
     return config.source_cache / sha256[:2] / sha256 / filename
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def fetch_sources(specs: Sequence[SourceSpec], config: Config, *, log: Log = print,
@@ -100,7 +93,7 @@ def _try_spec(spec: SourceSpec, config: Config, *, log: Log, progress: bool, tri
     if cached.is_file() and not cached.is_symlink():
         # The cache is re-hashed at every use: bytes that changed since they were verified are
         # never built (and never stored under the genuine key).
-        actual = sha256_file(cached)
+        actual = file_sha256(cached)
         if actual == spec.sha256:
             return FetchedSource(cached, spec, "cache")
         log(f"source cache: {cached} does not match its sha256 any more (it has {actual}); discarding it")
@@ -164,19 +157,17 @@ def _copy_verified(src: Path, sha256: str, dest: Path) -> None:
 
 
 def _write_verified(dest: Path, sha256: str, chunks: Iterable[bytes], on_chunk: Callable[[int], None] | None = None
-                    ) -> int:
+                    ) -> None:
     """Write `chunks` to a temporary file beside `dest`, hashing them; rename it to `dest` only when the
-    sha256 matches. Returns the byte count; raises _Miss on a mismatch (and keeps nothing)."""
+    sha256 matches. Raises _Miss on a mismatch (and keeps nothing)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=".partial-")
     digest = hashlib.sha256()
-    received = 0
     try:
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
                 digest.update(chunk)
-                received += len(chunk)
                 if on_chunk:
                     on_chunk(len(chunk))
             out.flush()
@@ -185,7 +176,6 @@ def _write_verified(dest: Path, sha256: str, chunks: Iterable[bytes], on_chunk: 
         if actual != sha256:
             raise _Miss(f"checksum mismatch: expected {sha256}, got {actual}; the file was discarded")
         os.replace(tmp_name, dest)
-        return received
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
             raise SourceError(f"cannot write {dest}: {exc.strerror}",

@@ -32,7 +32,8 @@ from .config import Config
 from .debian_archive import DebianArchive
 from .errors import SourceError, ToolchainError
 from .recipe import SourceSpec
-from .sources import download_file, extract_archive, extract_source, fetch_one, sha256_file
+from .sources import download_file, extract_archive, extract_source, fetch_one
+from .verified import file_sha256
 
 TARGET = "wasm32-wasip1"
 # Flags that turn on real setjmp/longjmp through WebAssembly exception handling (exnref encoding).
@@ -346,7 +347,7 @@ def install_debian(config: Config, *, log: Log = print) -> Toolchain:
     if (root / IDENTITY_FILE).exists():
         return _make(config, "debian", root, f"assembled from Debian packages in {root}")
     deb_path = config.cache_dir / "debs" / deb.name
-    if deb_path.is_file() and sha256_file(deb_path) != deb.sha256:
+    if deb_path.is_file() and file_sha256(deb_path) != deb.sha256:
         log(f"{deb_path} does not match Debian's sha256 any more; fetching it again")
         deb_path.unlink()
     if not deb_path.exists():
