@@ -325,3 +325,88 @@ def launcher(ctx):
     path = build_launcher(_config().cache_dir)
     print(path)
     log(f"usage: {path.name} [--dir GUEST:HOST]... [--env K=V]... build-output/<pkg>/<version>/bin/<program>.wasm [ARGS...]")
+
+
+@task(help={"flavor": "package a flavor of the package",
+            "dist": "the directory to write to (default: dist/)",
+            "sign-key": "an ed25519 private key (PEM) to sign the provenance with (a DSSE envelope)"})
+@cli
+def package(ctx, target, flavor=None, dist="dist", sign_key=None):
+    """Package a finished build for release: dist/<pkg>-<version>[-<flavor>]-wasi.tar.gz, SBOMs, provenance, SHA256SUMS."""
+    from wasmforge.release import describe_release, write_package
+    from wasmforge.sbom import documents
+    from wasmforge.toolchain import find_toolchain
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    release = describe_release(book, book.parse_target(target, flavor), config, find_toolchain(config), log=log)
+    written = write_package(release, documents(release, Path(sign_key) if sign_key else None), Path(dist), log=log)
+    for path in written:
+        print(f"{path}  ({path.stat().st_size / 1024:.0f} KiB)")
+    print(f"{Path(dist) / 'SHA256SUMS'}")
+
+
+@task(help={"key": "the ed25519 public key (PEM) the provenance must be signed with",
+            "rebuild": "also rebuild each package from its recorded inputs and compare the modules"})
+@cli
+def verify(ctx, path, key=None, rebuild=False):
+    """Verify packages: SHA256SUMS, SBOMs and provenance against the files, the signature, optionally a rebuild."""
+    from wasmforge.verify import VerifyError, verify_dist
+    report = verify_dist(Path(path), Path(key) if key else None)
+    for line in report.checked:
+        print(f"ok: {line}")
+    if rebuild:
+        from wasmforge.repro import rebuild_package
+        from wasmforge.toolchain import find_toolchain
+        config = _config()
+        book = RecipeBook.load(config.recipes_dir)
+        tc = find_toolchain(config)
+        problems = []
+        for manifest in report.packages:
+            files = {p: r["sha256"] for p, r in manifest["files"].items()}
+            found = rebuild_package(book, manifest, files, config, tc, log=log)
+            problems += found
+            if not found:
+                print(f"ok: {manifest['target']}: rebuilt from nothing, its modules are identical")
+        if problems:
+            raise VerifyError(f"{path}: the rebuild does not reproduce the package",
+                              details="\n".join(f"  - {p}" for p in problems))
+
+
+@task(name="verify-repro", help={"flavor": "check a flavor of the package",
+                                 "keep": "keep both builds (in build-output/.repro/) even when they are identical"})
+@cli
+def verify_repro(ctx, target, flavor=None, keep=False):
+    """Build a target twice from nothing (another directory, umask, TZ, locale) and compare every output byte."""
+    from wasmforge.repro import verify_repro as check
+    from wasmforge.toolchain import find_toolchain
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    result = check(book, book.parse_target(target, flavor), config, find_toolchain(config), log=log, keep=keep)
+    print("\n".join(result.report()))
+    if not result.identical:
+        raise WasmforgeError(f"{result.target} is not reproducible: {len(result.differences)} file(s) differ",
+                             hint=f"diffoscope's report: {result.diffoscope}" if result.diffoscope
+                             else "install diffoscope for a report of what differs")
+    print(f"{result.target}: reproducible (two builds from nothing are bit-identical)")
+
+
+@task(help={"package": "only this package (repeatable)"}, iterable=["package"])
+@cli
+def matrix(ctx, package=None):
+    """Print the build matrix (package, version, flavor, target) as JSON for CI systems."""
+    import json
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    unknown = [p for p in package or [] if p not in book.recipes]
+    if unknown:
+        raise WasmforgeError(f"no recipe for {', '.join(unknown)}", hint=f"recipes: {', '.join(book.recipes)}")
+    include = []
+    for recipe in book.recipes.values():
+        if package and recipe.name not in package:
+            continue
+        for version in recipe.versions:
+            for flavor in [None, *recipe.flavors]:
+                include.append({"package": recipe.name, "version": version, "flavor": flavor or "",
+                                "target": f"{recipe.name}-{version}",
+                                "name": recipe.resolve(version, flavor).target})
+    print(json.dumps({"include": include}))

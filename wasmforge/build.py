@@ -83,7 +83,7 @@ class BuildContext:
     config: Config
     toolchain: Toolchain | HostToolchain
     work: Path
-    prefix: Path
+    prefix: Path  # what the build is configured for: its store entry, or the guest prefix of the recipe
     deps: Mapping[str, Path]
     jobserver: JobServer | None = None
 
@@ -103,6 +103,28 @@ class BuildContext:
     def staged_prefix(self) -> Path:
         """Where `make install DESTDIR=...` puts the files meant for `prefix`."""
         return self.destdir / self.prefix.relative_to(self.prefix.anchor)
+
+    @property
+    def tools_dir(self) -> Path:
+        """This build's own host tools (its pkg-config), first on its PATH."""
+        return self.work / "tools"
+
+    def write_pkg_config(self) -> None:
+        """`pkg-config` (and `wasm32-wasip1-pkg-config`, which configure looks for first) that see
+        only the dependencies' .pc files."""
+        real = shutil.which("pkg-config")
+        if self.package.native or real is None:
+            return
+        libdir = os.pathsep.join(str(p / "lib" / "pkgconfig") for p in self.deps.values()) \
+            or str(self.work / "no-pkgconfig")
+        script = ("#!/bin/sh\n# pkg-config for this wasm build: the dependencies' .pc files only.\n"
+                  f"PKG_CONFIG_LIBDIR={shlex.quote(libdir)}\nPKG_CONFIG_PATH=\n"
+                  f"export PKG_CONFIG_LIBDIR PKG_CONFIG_PATH\nexec {shlex.quote(real)} \"$@\"\n")
+        self.tools_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("pkg-config", f"{self.toolchain.target}-pkg-config"):
+            path = self.tools_dir / name
+            path.write_text(script)
+            path.chmod(0o755)
 
     @property
     def ccache_stats(self) -> Path:
@@ -141,6 +163,11 @@ class BuildContext:
         for prefix in self.deps.values():
             cflags.append(f"-I{prefix / 'include'}")
             ldflags.append(f"-L{prefix / 'lib'}")
+        if not pkg.native:
+            # Host paths that reach a module (__FILE__ in assertions, debug info) are mapped to fixed
+            # ones, so a build in another directory or store gives the same bytes.
+            cflags += [f"-ffile-prefix-map={self.work}=/build"] + [
+                f"-ffile-prefix-map={prefix}=/deps/{name}" for name, prefix in sorted(self.deps.items())]
         return {"cflags": cflags, "ldflags": ldflags, "libs": libs}
 
     def template_context(self) -> dict[str, Any]:
@@ -175,11 +202,7 @@ class BuildContext:
             # Paths under the work directory hash relative: other checkouts share the results.
             env.setdefault("CCACHE_BASEDIR", str(self.work))
         flags = self.flags
-        pkgconfig = [str(p / "lib" / "pkgconfig") for p in self.deps.values()]
         env.update(self.toolchain.env())
-        if self.package.native:
-            # The build machine's own libraries and pkg-config files are what a native build uses.
-            pkgconfig = []
         env.update({
             "LANG": "C",
             "LC_ALL": "C",
@@ -189,17 +212,23 @@ class BuildContext:
             "CXXFLAGS": " ".join(flags["cflags"]),
             "LDFLAGS": " ".join(flags["ldflags"]),
             "LIBS": " ".join(flags["libs"]),
-            "PKG_CONFIG_PATH": "",
             "PREFIX": str(self.prefix),
             "DESTDIR": str(self.destdir),
             "JOBS": str(self.config.jobs),
-            "SOURCE_DATE_EPOCH": "0",
+            # The version's release date: __DATE__/__TIME__ (PHP's "built:" date), archive dates.
+            "SOURCE_DATE_EPOCH": str(self.package.source_date_epoch),
         })
         if self.jobserver:
             env["MAKEFLAGS"] = self.jobserver.makeflags
-        if not self.package.native:
-            # Only our wasm prefixes: a host .pc file must never be found.
-            env["PKG_CONFIG_LIBDIR"] = os.pathsep.join(pkgconfig) or str(self.work / "no-pkgconfig")
+        if self.package.native:
+            # The build machine's own libraries and pkg-config files are what a native build uses.
+            env["PKG_CONFIG_PATH"] = ""
+        else:
+            # Only our wasm prefixes: a host .pc file must never be found. Through a pkg-config of
+            # this build first on PATH, not PKG_CONFIG_LIBDIR in the environment: configure scripts
+            # record such variables (PHP's `php -i` shows them) and the paths would make the build
+            # differ from one directory or store to the next.
+            env["PATH"] = f"{self.tools_dir}{os.pathsep}{env.get('PATH', os.defpath)}"
             env["CONFIG_SITE"] = str(self.config.toolchain_dir / "config.site")
         for key, value in self.render(("env",), dict(self.package.build.get("env", {}))).items():
             env[key] = str(value)
@@ -217,6 +246,7 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     install_args = [str(a) for a in ctx.render(("install",), build.get("install", ["install"]))]
     bdir = ctx.build_dir
     write_env_script(ctx, env)
+    ctx.write_pkg_config()
     # Installs run one job at a time: many projects' install rules race when run in parallel.
     install_env = {k: v for k, v in env.items() if k != "MAKEFLAGS"}
     steps: list[Step] = []
@@ -224,7 +254,9 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
                          ("build", "pre_configure"))
     if system == "autotools":
         cross = [] if ctx.package.native else [f"--host={TARGET}", f"--build={_build_triple()}"]
-        configure = [str(ctx.src / "configure"), *cross, f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
+        # Relative when it can be: PHP records its configure line (php -i), which must not name the host.
+        script = "./configure" if bdir == ctx.src else str(ctx.src / "configure")
+        configure = [script, *cross, f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
         steps += [Step("configure", tuple(configure), bdir, env, ("build", "configure")),
                   Step("make", ("make", *make_jobs, *make_args), bdir, env, ("build", "make"))]
         if install_args:

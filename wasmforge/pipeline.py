@@ -61,7 +61,9 @@ from .toolchain import HostToolchain, Toolchain, ensure_host_packages
 Log = Callable[[str], None]
 # Bump when the build logic changes in a way that changes outputs or entries.
 # 3: manifests list logs and links too (an entry holds exactly what its manifest lists).
-BUILD_LOGIC_VERSION = "3"
+# 4: host paths mapped (-ffile-prefix-map), SOURCE_DATE_EPOCH from the recipe's release date.
+# 5: pkg-config and CPP no longer in the environment (configure scripts record them).
+BUILD_LOGIC_VERSION = "5"
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,7 @@ def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches
         "outputs": dict(package.outputs),
         "optimize": {"wasm_opt": wasm_opt_flags(package), "debug": debug},
         "dependencies": dep_keys,
+        "source_date_epoch": package.source_date_epoch,
     }
 
 
@@ -253,7 +256,10 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=entry,
+        # Installed for the store entry (dependants find it there), or for the guest prefix the recipe
+        # chooses: then the staged prefix, not its host path, becomes the entry.
+        install_prefix = Path(package.build["prefix"]) if package.build.get("prefix") else entry
+        ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=install_prefix,
                            deps=dep_prefixes, jobserver=jobserver)
         ctx.logs.mkdir()
         timings: list[StepTiming] = []

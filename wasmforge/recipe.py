@@ -13,6 +13,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,18 @@ class SmokeTest:
 
 
 @dataclass(frozen=True)
+class LicenseFile:
+    """A file of the source tree (relative to its top directory) that holds the licence, or some of
+    its lines when the licence is a comment in a source file."""
+
+    path: str
+    lines: tuple[int, int] | None = None
+
+    def describe(self) -> str:
+        return self.path + (f" (lines {self.lines[0]}-{self.lines[1]})" if self.lines else "")
+
+
+@dataclass(frozen=True)
 class Package:
     """One recipe rendered for one version and flavor: what the pipeline builds."""
 
@@ -151,6 +164,8 @@ class Package:
     tests: tuple[SmokeTest, ...]
     # Built for the build machine with its own compiler: the reference for comparisons.
     native: bool = False
+    # The version's release date as a Unix time: SOURCE_DATE_EPOCH of its builds and packages.
+    source_date_epoch: int = 0
 
     @property
     def name(self) -> str:
@@ -184,6 +199,7 @@ class Recipe:
     summary: str
     license: str
     homepage: str
+    license_files: tuple[LicenseFile, ...]
     file: Path
     digest: str
     versions: Mapping[str, Mapping[str, Any]]
@@ -278,9 +294,11 @@ class Recipe:
         outputs = tuple((k, self.render_value(v, ctx, ("outputs", k))) for k, v in self.outputs.items())
         tests = tuple(self._smoke_test(i, t, ctx) for i, t in enumerate(self.tests)
                       if _test_applies(t, flavor))
+        released = vspec.get("released")
+        epoch = int(datetime.combine(date.fromisoformat(released), time(), UTC).timestamp()) if released else 0
         return Package(recipe=self, version=version, flavor=flavor, sources=tuple(sources),
                        patch_series=vspec.get("patches"), depends=depends, build=build,
-                       outputs=outputs, tests=() if native else tests, native=native)
+                       outputs=outputs, tests=() if native else tests, native=native, source_date_epoch=epoch)
 
     def _smoke_test(self, index: int, raw: Mapping[str, Any], ctx: Mapping[str, Any]) -> SmokeTest:
         path: KeyPath = ("tests", index)
@@ -539,8 +557,47 @@ _source_fields: dict[str, Check] = {
 _source_check = _record(_source_fields, rule=_source_rule)
 _alternative_check = _record({**_source_fields, "sha256": _is_sha256}, required=("sha256",), rule=_source_rule)
 
+def _is_date(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_str(doc, path, value)
+    try:
+        date.fromisoformat(value)
+    except ValueError:
+        raise doc.error(path, f"{value!r} is not a date", hint="write it as YYYY-MM-DD") from None
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value) or value < "1980-01-01":
+        raise doc.error(path, f"{value!r} is not a release date",
+                        hint="write it as YYYY-MM-DD, not before 1980 (zip and tar tools need no earlier dates)")
+
+
+def _is_relative_path(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_str(doc, path, value)
+    parts = value.split("/")
+    if not value or value.startswith("/") or "\0" in value or any(p in ("", ".", "..") for p in parts):
+        raise doc.error(path, f"{value!r} is not a relative path inside the source tree",
+                        hint="write it relative to the archive's top directory, e.g. LICENSE or src/lua.h")
+
+
+def _is_guest_path(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_str(doc, path, value)
+    parts = value.split("/")[1:]
+    if not value.startswith("/") or "\0" in value or any(p in ("", ".", "..") for p in parts) or value == "/":
+        raise doc.error(path, f"{value!r} is not an absolute guest path", hint="e.g. /usr/local")
+
+
+def _is_license_file(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if isinstance(value, str):
+        _is_relative_path(doc, path, value)
+        return
+    _record({"file": _is_relative_path, "lines": _list_of(_is_positive_int)}, required=("file", "lines"))(
+        doc, path, value)
+    lines = value["lines"]
+    if len(lines) != 2 or lines[0] > lines[1]:
+        raise doc.error(path + ("lines",), "lines are [first, last], first <= last")
+
+
 _version_check = _record(
-    {"sha256": _is_sha256, "patches": _is_str, "alternatives": _list_of(_alternative_check)},
+    {"sha256": _is_sha256, "patches": _is_str, "alternatives": _list_of(_alternative_check),
+     # The release date: builds and packages of this version are dated with it (SOURCE_DATE_EPOCH).
+     "released": _is_date},
     required=("sha256",),
 )
 
@@ -570,6 +627,10 @@ _build_fields: dict[str, Check] = {
     "in_source": _is_bool,
     # wasm-opt's flags for the outputs (default [-O2]; [-Oz] for size; [] for none).
     "wasm_opt": _list_of(_is_str),
+    # The install prefix as the module will see it (e.g. /usr/local): what a program compiles in
+    # (PHP's php.ini directory, include_path) must be a guest path, not the host directory of the
+    # build. Without it, libraries install for their store entry (dependants link them from there).
+    "prefix": _is_guest_path,
 }
 _build_check = _record(_build_fields, required=("system",), rule=_build_rule)
 _flavor_build_check = _record(_build_fields)
@@ -601,6 +662,10 @@ _recipe_check = _record(
         "summary": _is_str,
         "license": _is_spdx,
         "homepage": _is_str,
+        # Where the licence text is in the source tree (packaged into licenses/ by `invoke package`):
+        # a path, or {file, lines: [first, last]} when it is a comment in a source file. Those present
+        # in the source that was built are packaged; list one for each source shape.
+        "license_files": _list_of(_is_license_file),
         "versions": _map_of(_version_check),
         "source": _source_check,
         "depends": _list_of(_is_str),
@@ -646,6 +711,8 @@ def load_recipe(file: Path) -> Recipe:
         summary=data["summary"],
         license=data["license"],
         homepage=data.get("homepage", ""),
+        license_files=tuple(LicenseFile(f) if isinstance(f, str) else LicenseFile(f["file"], tuple(f["lines"]))
+                            for f in data.get("license_files", [])),
         file=file,
         digest=hashlib.sha256(file.read_bytes()).hexdigest(),
         versions=data["versions"],

@@ -1,9 +1,10 @@
 """The artifact store: finished builds in the user cache, addressed by their build key.
 
 An entry is `<cache>/artifacts/<key[:2]>/<key>/`: the installed prefix of one build and its
-`manifest.json`, which lists every installed file with its sha256 and size. Builds install with the
-entry's path as their prefix, so what points into a prefix (pkg-config files, PHP's extension
-directory) stays right for every dependant, flavor and checkout that shares the entry.
+`manifest.json`, which lists every installed file with its sha256 and size. Libraries install with the
+entry's path as their prefix, so what points into a prefix (pkg-config files) stays right for every
+dependant, flavor and checkout that shares the entry; programs whose recipe sets `build.prefix`
+install for that guest path instead (PHP's php.ini directory is /usr/local/lib, never a host path).
 
 An entry is assembled under `.tmp/` and renamed into place, so an entry that exists is whole.
 Every use checks the files against the manifest: an entry that does not match (a truncated or

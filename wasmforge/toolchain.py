@@ -85,7 +85,8 @@ class Toolchain:
         return {
             "CC": self.tool("clang"),
             "CXX": self.tool("clang++"),
-            "CPP": f"{self.tool('clang')} -E",
+            # No CPP: configure finds "$CC -E" itself, and records a CPP given in the environment
+            # (PHP's configure line would name the wrappers' host directory).
             "LD": self.tool("wasm-ld"),
             "AR": self.tool("ar"),
             "RANLIB": self.tool("ranlib"),

@@ -135,7 +135,8 @@ class _Converter:
                               hint="recipes do not need YAML aliases; write the values out")
         if node.tag not in _PLAIN_TAGS:
             raise RecipeError(f"{format_path(path)}: unsupported YAML tag {node.tag!r}", where=self.where(node),
-                              hint="recipes hold plain strings, numbers, booleans, lists and mappings")
+                              hint='quote dates: "2022-11-03"' if node.tag.endswith(":timestamp") else
+                              "recipes hold plain strings, numbers, booleans, lists and mappings")
         doc.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             result: dict[str, Any] = {}
