@@ -133,6 +133,10 @@ def package_name(package: Package) -> str:
     return f"{package.name}-{package.version}" + (f"-{package.flavor}" if package.flavor else "") + "-wasi"
 
 
+def build_command(package: Package) -> str:
+    return f"invoke build {package.name}-{package.version}" + (f" --flavor {package.flavor}" if package.flavor else "")
+
+
 def source_date_epoch(package: Package) -> int:
     """SOURCE_DATE_EPOCH from the environment, else the version's release date from the recipe."""
     value = os.environ.get("SOURCE_DATE_EPOCH")
@@ -167,7 +171,7 @@ def describe_release(book: RecipeBook, target: Target, config: Config, toolchain
         data = (entry / rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != main_manifest["outputs"][rel]["sha256"]:
             raise PackageError(f"{rel} of the stored build of {package.target} changed while it was read",
-                               where=str(entry), hint=f"run `invoke build {package.target}` and package again")
+                               where=str(entry), hint=f"run `{build_command(package)}` and package again")
         files.append(PackagedFile(rel, data))
         note = f"bin/{name}.run.txt"
         files.append(PackagedFile(note, run_note(package, name, rel).encode()))
@@ -181,7 +185,7 @@ def describe_release(book: RecipeBook, target: Target, config: Config, toolchain
 
 
 def _stored_manifest(store: ArtifactStore, item: PlannedBuild, main: PlannedBuild) -> dict[str, Any]:
-    build = f"invoke build {main.package.target}" + (f" --flavor {main.package.flavor}" if main.package.flavor else "")
+    build = build_command(main.package)
     entry = store.entry(item.key)
     if not entry.is_dir():
         raise PackageError(f"{item.package.target} is not built as the recipes and toolchain now describe it "

@@ -4,7 +4,8 @@ A target is built twice from nothing (an empty store, no ccache, smoke tests ski
 time in another directory with another umask, time zone and locale. Then every output file of every
 package of the build is compared byte for byte. One difference is expected and mapped before the
 comparison: a library installs for its store entry (see store.py), so its pkg-config and libtool
-files name that directory; those are compared with the entry's path replaced by a placeholder.
+files name that directory (and their dependencies' entries); those are compared with the store's
+path replaced by a placeholder.
 Modules and libraries themselves must be identical. A difference names the files and the first
 differing offset, and `diffoscope` (when installed) says more.
 """
@@ -28,7 +29,7 @@ from .recipe import RecipeBook, Target
 from .toolchain import Toolchain
 
 Log = Callable[[str], None]
-ENTRY_PLACEHOLDER = b"@WASMFORGE_STORE_ENTRY@"
+STORE_PLACEHOLDER = b"@WASMFORGE_STORE@"
 # The second build's conditions differ from the first's in every way that must not matter.
 SECOND_UMASK = 0o027
 SECOND_ENV = {"TZ": "Pacific/Chatham", "LANG": "fr_FR.UTF-8", "LC_ALL": "fr_FR.UTF-8"}
@@ -132,8 +133,10 @@ def compare_entries(a: BuildResult, b: BuildResult) -> tuple[list[Difference], i
             found.append(Difference(a.target, rel, "only in the second build"))
         elif fa[rel]["sha256"] != fb[rel]["sha256"]:
             da, db = (a.prefix / rel).read_bytes(), (b.prefix / rel).read_bytes()
-            # A file that names its own store entry (pkg-config, libtool) is compared with that mapped.
-            if da.replace(bytes(a.prefix), ENTRY_PLACEHOLDER) == db.replace(bytes(b.prefix), ENTRY_PLACEHOLDER):
+            # A file that names store entries (its own or a dependency's: pkg-config, libtool files) is
+            # compared with the store's directory mapped.
+            store_a, store_b = bytes(a.prefix.parent.parent), bytes(b.prefix.parent.parent)
+            if da.replace(store_a, STORE_PLACEHOLDER) == db.replace(store_b, STORE_PLACEHOLDER):
                 continue
             found.append(Difference(a.target, rel, f"differs at offset {first_difference(da, db)} "
                                                    f"(sizes {len(da)} and {len(db)})"))
