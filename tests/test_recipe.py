@@ -205,3 +205,20 @@ def test_the_licence_must_be_a_valid_spdx_expression(project, license, message):
 def test_the_recipes_licences_are_spdx(project):
     for name in ("MIT", "PHP-3.01", "blessing", "Zlib", "BSD-2-Clause", "MIT AND Zlib"):
         assert spdx_problem(name) is None
+
+
+def test_a_flavor_links_a_subset_of_the_dependencies(tmp_path):
+    from conftest import ROOT
+
+    book = RecipeBook.load(ROOT / "recipes")
+    assert [str(t) for t in book.build_order(book.parse_target("php-7.4.33-slim"))] == ["php-7.4.33-slim"]
+    assert [str(t) for t in book.build_order(book.parse_target("php-7.4.33-portable"))][-2:] == [
+        "libxml2-2.9.14", "php-7.4.33-portable"]
+    assert book.package(book.parse_target("php-7.4.33-slim")).depends == ()
+    path = tmp_path / "app.yaml"
+    path.write_text("name: app\nsummary: s\nlicense: MIT\nversions: {'1.0': {sha256: " + "ab" * 32 + "}}\n"
+                    "source: {url: 'https://example.invalid/app.tar.gz'}\nbuild: {system: make}\n"
+                    "depends: [zlib]\nflavors:\n  small:\n    depends: [sqlite]\n")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert f"{path}:10: flavors.small.depends[0]" in info.value.render() and "'sqlite' is not in the recipe's depends" in info.value.render()

@@ -20,18 +20,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, make_tarball
 from test_build import _recipe, _source
 
 from wasmforge.config import Config
 from wasmforge.errors import RecipeError
 from wasmforge.pipeline import build_target, plan
-from wasmforge.recipe import RecipeBook, load_recipe
+from wasmforge.recipe import LicenseFile, RecipeBook, load_recipe
 from wasmforge.release import (
     PackagedFile,
     PackageError,
     describe_release,
     deterministic_tarball,
+    read_license_texts,
+    source_date_epoch,
     write_package,
 )
 from wasmforge.repro import verify_repro
@@ -87,6 +89,37 @@ def test_bad_license_files_are_recipe_errors(tmp_path, entry, message):
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert f"{path}:" in info.value.render() and message in info.value.render()
+
+
+def test_licence_texts_are_read_from_the_archive_without_extracting(tmp_path):
+    archive = make_tarball(tmp_path / "src.tar.gz", {"COPYING": "the licence\n", "src/x.h": "1\n2\n3\n4\n",
+                                                     "big": "x" * 16}, top="pkg-1.0")
+    wanted = [LicenseFile("COPYING"), LicenseFile("src/x.h", (2, 3)), LicenseFile("LICENSE")]
+    assert read_license_texts(archive, wanted) == [("COPYING", b"the licence\n"), ("src_x.h.lines-2-3", b"2\n3\n")]
+    # A link in place of a licence file is not followed.
+    raw = tmp_path / "link.tar.gz"
+    with tarfile.open(raw, "w:gz") as tar:
+        link = tarfile.TarInfo("pkg-1.0/COPYING")
+        link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(link)
+    assert read_license_texts(raw, wanted) == []
+    (tmp_path / "bad.tar.gz").write_bytes(b"not a tarball")
+    with pytest.raises(PackageError) as info:
+        read_license_texts(tmp_path / "bad.tar.gz", wanted)
+    assert "cannot read licence files from bad.tar.gz" in info.value.render()
+
+
+def test_source_date_epoch_comes_from_the_environment_or_the_recipe(monkeypatch):
+    book = RecipeBook.load(ROOT / "recipes")
+    php = book.package(book.parse_target("php-7.4.33"))
+    monkeypatch.delenv("SOURCE_DATE_EPOCH", raising=False)
+    assert source_date_epoch(php) == 1667433600  # released: "2022-11-03"
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert source_date_epoch(php) == 1700000000
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(PackageError) as info:
+        source_date_epoch(php)
+    assert "SOURCE_DATE_EPOCH='yesterday' is not a Unix time" in info.value.render()
 
 
 def test_matrix_lists_every_version_and_flavor():

@@ -124,7 +124,7 @@ def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain 
     keys: dict[str, str] = {}
     for t in book.build_order(target):
         package = book.package(t)
-        deps = book.dependency_targets(package.recipe, t.native)
+        deps = book.dependency_targets(package.recipe, t.native, t.flavor)
         patches = patch_series(config.patches_dir, package.name, package.patch_series,
                                where=package.recipe.where(("versions", package.version, "patches")))
         inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps}, debug=config.debug)
@@ -185,7 +185,8 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
     """
     planned = plan(book, target, config, toolchain)
     outcomes = {item.package.name: PackageOutcome(item.package.target) for item in planned}
-    deps = {item.package.name: [d.name for d in book.dependency_targets(item.package.recipe, item.package.native)]
+    deps = {item.package.name: [d.name for d in book.dependency_targets(item.package.recipe, item.package.native,
+                                                                       item.package.flavor)]
             for item in planned}
     waiting = {item.package.name: item for item in planned}
     jobserver = JobServer(config.jobs) if config.jobs > 1 else None

@@ -284,12 +284,11 @@ class Recipe:
         if flavor:
             spec = self.flavors[flavor]
             build = merge_build(build, spec.get("build", {}), replace=tuple(spec.get("replace", ())))
-        depends = self.depends
+        depends = self.dependencies(flavor, native)
         if native:
             # A native build takes the keys its `native` section gives instead of the WASI ones,
             # and links the build machine's libraries (found by pkg-config), not our wasm builds.
             build = {**build, "exceptions": False, **self.native.get("build", {})}
-            depends = ()
 
         outputs = tuple((k, self.render_value(v, ctx, ("outputs", k))) for k, v in self.outputs.items())
         tests = tuple(self._smoke_test(i, t, ctx) for i, t in enumerate(self.tests)
@@ -299,6 +298,15 @@ class Recipe:
         return Package(recipe=self, version=version, flavor=flavor, sources=tuple(sources),
                        patch_series=vspec.get("patches"), depends=depends, build=build,
                        outputs=outputs, tests=() if native else tests, native=native, source_date_epoch=epoch)
+
+    def dependencies(self, flavor: str | None = None, native: bool = False) -> tuple[str, ...]:
+        """What this build links: the recipe's depends, or the flavor's own (a subset), none natively
+        (a native build links the build machine's libraries)."""
+        if native:
+            return ()
+        if flavor and "depends" in self.flavors.get(flavor, {}):
+            return tuple(self.flavors[flavor]["depends"])
+        return self.depends
 
     def _smoke_test(self, index: int, raw: Mapping[str, Any], ctx: Mapping[str, Any]) -> SmokeTest:
         path: KeyPath = ("tests", index)
@@ -672,7 +680,9 @@ _recipe_check = _record(
         "build": _build_check,
         "outputs": _map_of(_is_str),
         "flavors": _map_of(_record({"summary": _is_str, "build": _flavor_build_check,
-                                    "replace": _list_of(_one_of(tuple(_build_fields)))})),
+                                    "replace": _list_of(_one_of(tuple(_build_fields))),
+                                    # what this flavor links, when less than the recipe's depends
+                                    "depends": _list_of(_is_str)})),
         "tests": _list_of(_test_check),
         # How to build for the build machine (--native): build keys that replace the WASI ones,
         # and the build machine's packages that provide the dependencies.
@@ -706,6 +716,11 @@ def load_recipe(file: Path) -> Recipe:
         for flavor in test.get("flavors", []):
             if flavor != "default" and flavor not in data.get("flavors", {}):
                 raise doc.error(("tests", i, "flavors"), f"unknown flavor {flavor!r}")
+    for flavor, spec in data.get("flavors", {}).items():
+        for j, dep in enumerate(spec.get("depends", [])):
+            if dep not in data.get("depends", []):
+                raise doc.error(("flavors", flavor, "depends", j), f"{dep!r} is not in the recipe's depends",
+                                hint="a flavor can link fewer dependencies than the recipe, not others")
     return Recipe(
         name=name,
         summary=data["summary"],
@@ -788,15 +803,15 @@ class RecipeBook:
     def package(self, target: Target) -> Package:
         return self[target.name].resolve(target.version, target.flavor, target.native)
 
-    def dependency_targets(self, recipe: Recipe, native: bool = False) -> list[Target]:
-        return [] if native else [self.parse_target(dep) for dep in recipe.depends]
+    def dependency_targets(self, recipe: Recipe, native: bool = False, flavor: str | None = None) -> list[Target]:
+        return [self.parse_target(dep) for dep in recipe.dependencies(flavor, native)]
 
     def build_order(self, target: Target) -> list[Target]:
         """The target's dependencies, depth first, then the target itself."""
         order: list[Target] = []
 
         def visit(t: Target) -> None:
-            for dep in self.dependency_targets(self.recipes[t.name], t.native):
+            for dep in self.dependency_targets(self.recipes[t.name], t.native, t.flavor):
                 if dep not in order:
                     visit(dep)
             if t not in order:
