@@ -25,6 +25,7 @@ from test_build import _recipe, _source
 
 from wasmforge.config import Config
 from wasmforge.errors import RecipeError
+from wasmforge.extract import extract_archive
 from wasmforge.pipeline import build_target, plan
 from wasmforge.recipe import LicenseFile, RecipeBook, load_recipe
 from wasmforge.release import (
@@ -281,10 +282,7 @@ def test_the_run_note_command_runs_in_wasmtimes_cli(lua_dist, tmp_path):
     wasmtime = tmp_path / "wasmtime"
     shutil.copyfile(Path(wasmtime_cli.__file__).parent / "wasmtime", wasmtime)
     wasmtime.chmod(0o755)
-    root = tmp_path / "unpacked"
-    with tarfile.open(lua_dist / "lua-5.4.7-wasi.tar.gz") as tar:
-        tar.extractall(root, filter="data")
-    package = root / "lua-5.4.7-wasi"
+    package = extract_archive(lua_dist / "lua-5.4.7-wasi.tar.gz", tmp_path / "lua-5.4.7-wasi")
     note = (package / "bin" / "lua.run.txt").read_text()
     command = next(line.strip() for line in note.splitlines() if line.strip().startswith("wasmtime run"))
     (package / "hello.lua").write_text("print('hello from ' .. arg[0]); print(pcall(error, 'caught'))\n")
