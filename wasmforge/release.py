@@ -15,6 +15,7 @@ with the command that builds it.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import hashlib
 import io
@@ -30,7 +31,7 @@ from . import __version__
 from .config import Config
 from .errors import WasmforgeError
 from .pipeline import PlannedBuild, plan
-from .recipe import LicenseFile, Package, RecipeBook, Target
+from .recipe import LicenseFile, Package, RecipeBook, SourceSpec, Target
 from .sources import fetch_one
 from .store import MANIFEST, ArtifactStore, exclusive_lock
 from .toolchain import Toolchain
@@ -95,7 +96,6 @@ class Component:
     source: SourceRecord
     patches: tuple[PatchRecord, ...]
     depends: tuple[str, ...]
-    built_at: str
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,10 @@ def describe_release(book: RecipeBook, target: Target, config: Config, toolchain
     planned = plan(book, target, config, toolchain)
     store = ArtifactStore(config.artifacts)
     main_item = planned[-1]
-    main_manifest = _stored_manifest(store, main_item, main_item)
-    components = [_component(item, _stored_manifest(store, item, main_item), config) for item in planned]
+    # Each entry is checked once (every file hashed), then its manifest serves the SBOM and the licences.
+    manifests = [_stored_manifest(store, item, main_item) for item in planned]
+    main_manifest = manifests[-1]
+    components = [_component(item, m, config) for item, m in zip(planned, manifests, strict=True)]
     package = main_item.package
     epoch = source_date_epoch(package)
     entry = store.entry(main_item.key)
@@ -176,12 +178,12 @@ def describe_release(book: RecipeBook, target: Target, config: Config, toolchain
         note = f"bin/{name}.run.txt"
         files.append(PackagedFile(note, run_note(package, name, rel).encode()))
         programs[name] = rel
-    files += license_files(planned, main_manifest, config, log)
+    files += license_files(planned, manifests, config, log)
     release = Release(name=package_name(package), main=components[-1], dependencies=tuple(components[:-1]),
                       files=(), toolchain=main_item.inputs["toolchain"], epoch=epoch, target=target,
                       programs=programs)
     files.append(PackagedFile(MANIFEST, package_manifest(release, files)))
-    return Release(**{**release.__dict__, "files": tuple(sorted(files, key=lambda f: f.path))})
+    return dataclasses.replace(release, files=tuple(sorted(files, key=lambda f: f.path)))
 
 
 def _stored_manifest(store: ArtifactStore, item: PlannedBuild, main: PlannedBuild) -> dict[str, Any]:
@@ -197,10 +199,15 @@ def _stored_manifest(store: ArtifactStore, item: PlannedBuild, main: PlannedBuil
     return json.loads((entry / MANIFEST).read_text())
 
 
+def _source_used(package: Package, manifest: dict[str, Any]) -> SourceSpec:
+    """The source (primary or an alternative) the stored build was made from."""
+    used = manifest.get("inputs", {}).get("source_used", {}).get("sha256")
+    return next((s for s in package.sources if s.sha256 == used), package.sources[0])
+
+
 def _component(item: PlannedBuild, manifest: dict[str, Any], config: Config) -> Component:
     package = item.package
-    used = manifest.get("inputs", {}).get("source_used", {})
-    spec = next((s for s in package.sources if s.sha256 == used.get("sha256")), package.sources[0])
+    spec = _source_used(package, manifest)
     primary = spec is package.sources[0]
     purl = None
     if spec.debian and not primary:
@@ -213,7 +220,7 @@ def _component(item: PlannedBuild, manifest: dict[str, Any], config: Config) -> 
         patches=tuple(PatchRecord(_relative(p.path, config.root), p.sha256,
                                   hashlib.sha1(p.path.read_bytes(), usedforsecurity=False).hexdigest())
                       for p in item.patches),
-        depends=tuple(package.depends), built_at=str(manifest.get("built_at", "")))
+        depends=tuple(package.depends))
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -250,22 +257,19 @@ def run_note(package: Package, program: str, rel: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def license_files(planned: list[PlannedBuild], main_manifest: dict[str, Any], config: Config,
+def license_files(planned: list[PlannedBuild], manifests: list[dict[str, Any]], config: Config,
                   log: Log) -> list[PackagedFile]:
-    """licenses/<pkg>/...: each package's licence files, read from the source archive it was built from,
-    and the licence of our patches when any were applied."""
-    store = ArtifactStore(config.artifacts)
+    """licenses/<pkg>/...: each package's licence files, read from the source archive it was built from
+    (`manifests`: the stored builds' manifests, in plan order), and our patches' licence when any applied."""
     found: list[PackagedFile] = []
-    for item in planned:
+    for item, manifest in zip(planned, manifests, strict=True):
         package = item.package
-        manifest = main_manifest if item is planned[-1] else json.loads((store.entry(item.key) / MANIFEST).read_text())
-        used = manifest.get("inputs", {}).get("source_used", {}).get("sha256")
-        spec = next((s for s in package.sources if s.sha256 == used), package.sources[0])
-        where = package.recipe.where(("license_files",)) if package.recipe.license_files else str(package.recipe.file)
         if not package.recipe.license_files:
-            raise PackageError(f"the recipe of {package.name} does not say where its licence text is", where=where,
+            raise PackageError(f"the recipe of {package.name} does not say where its licence text is",
+                               where=str(package.recipe.file),
                                hint="add license_files: [LICENSE] (paths in the source tree)")
-        fetched = fetch_one(spec, config, log=log, progress=False)
+        where = package.recipe.where(("license_files",))
+        fetched = fetch_one(_source_used(package, manifest), config, log=log, progress=False)
         texts = read_license_texts(fetched.path, package.recipe.license_files)
         if not texts:
             listed = ", ".join(f.describe() for f in package.recipe.license_files)
