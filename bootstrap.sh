@@ -15,6 +15,7 @@ APT_PACKAGES=(
   ccache                                               # compile results shared between builds
   libxml2-dev libsqlite3-dev libonig-dev zlib1g-dev    # native reference PHP (invoke build php-<v> --native)
   python3-venv
+  docker-registry skopeo apache2-utils                 # the tests' OCI registry, its client and htpasswd
 )
 
 if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo); fi
@@ -28,6 +29,14 @@ if [ "${#missing[@]}" -gt 0 ]; then
   echo "bootstrap: installing ${missing[*]}"
   "${SUDO[@]}" apt-get update -q
   DEBIAN_FRONTEND=noninteractive "${SUDO[@]}" apt-get install -y -q "${missing[@]}"
+fi
+
+# The tests start their own registries on 127.0.0.1; the service the docker-registry package starts
+# (on port 5000 of every interface) is not wanted.
+if [[ " ${missing[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null \
+    && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+  echo "bootstrap: stopping and disabling the docker-registry service (the tests start their own)"
+  "${SUDO[@]}" systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
 PYTHON=${PYTHON:-python3}

@@ -151,17 +151,25 @@ def fetch(ctx, target, mirror=None):
     "debug": "keep debug information (DWARF, names) in the output modules",
     "explain": "build nothing: say for each package whether it is stored (a hit) and, if not, "
                "which inputs differ from the nearest stored build",
+    "remote-cache": "a shared build cache on an OCI registry: oci://HOST[:PORT]/REPO (oci+http:// without TLS); "
+                    "default $WASMFORGE_REMOTE_CACHE",
+    "push-cache": "push what is built (or found locally) to the remote cache (default: on when CI is set)",
 })
 @cli
 def build(ctx, target, flavor=None, jobs=None, force=False, no_test=False, mirror=None, native=False, explain=False,
-          no_ccache=False, debug=False):
+          no_ccache=False, debug=False, remote_cache=None, push_cache=False):
     """Build a package and its dependencies, precompile its modules and run its smoke tests."""
     from wasmforge.pipeline import PackageOutcome, build_target
     from wasmforge.pipeline import explain as explain_build
+    from wasmforge.remote_cache import RemoteCache
     from wasmforge.toolchain import ensure_host_packages, find_toolchain, host_toolchain
     config = _config(jobs=jobs, mirror=mirror)
-    if no_ccache or debug:
-        config = dataclasses.replace(config, use_ccache=not no_ccache, debug=debug)
+    if no_ccache or debug or remote_cache or push_cache:
+        config = dataclasses.replace(config, use_ccache=not no_ccache, debug=debug,
+                                     remote_cache=remote_cache or config.remote_cache,
+                                     push_cache=push_cache or config.push_cache)
+    if config.remote_cache:
+        RemoteCache.parse(config.remote_cache)  # a bad address is one message before anything is built
     book = RecipeBook.load(config.recipes_dir)
     t = book.parse_target(target, flavor)
     if native:
@@ -343,6 +351,57 @@ def package(ctx, target, flavor=None, dist="dist", sign_key=None):
     for path in written:
         print(f"{path}  ({path.stat().st_size / 1024:.0f} KiB)")
     print(f"{Path(dist) / 'SHA256SUMS'}")
+
+
+@task(help={"flavor": "the image of a flavor of the package",
+            "dist": "where to write (default dist/; the layout goes to DIST/oci/<package>/)",
+            "sign-key": "sign the provenance attached to the images with this ed25519 private key (PEM)"})
+@cli
+def image(ctx, target, flavor=None, dist="dist", sign_key=None):
+    """Write OCI images of a finished build: runnable wasi/wasm images, CNCF wasm artifacts, SBOM referrers."""
+    from wasmforge.oci import write_layout
+    images, release = _images(target, flavor, sign_key)
+    dest = write_layout(images, Path(dist) / "oci" / release.name.removesuffix("-wasi"))
+    print(f"{dest}  (OCI image layout)")
+    for tagged in images.manifests:
+        if tagged.ref:
+            print(f"  {tagged.ref:<16} {tagged.manifest.digest}")
+
+
+@task(help={"registry": "HOST[:PORT]/REPO to push to",
+            "flavor": "publish a flavor of the package",
+            "tag": "the tag of the main program's image (default: the version[-flavor]); the others get TAG-<name>",
+            "insecure": "talk plain HTTP (a local registry without TLS)",
+            "force": "replace tags that exist with other content",
+            "mount-from": "a repository of the same registry to mount blobs from instead of uploading them",
+            "sign-key": "sign the provenance with this ed25519 private key (PEM)"})
+@cli
+def publish(ctx, target, registry, flavor=None, tag=None, insecure=False, force=False, mount_from=None,
+            sign_key=None):
+    """Push a finished build's images, wasm artifacts, SBOMs, provenance and release files to an OCI registry."""
+    from wasmforge.oci import publish as push
+    from wasmforge.registry import Registry, Repository
+    images, release = _images(target, flavor, sign_key)
+    repo = Repository.parse(registry, insecure=insecure)
+    main = next(iter(release.programs))
+    version = release.main.version + (f"-{release.main.flavor}" if release.main.flavor else "")
+    client = Registry(repo, log=log)
+    pushed = push(images, client, tag or version, main, force=force, mount_from=mount_from, log=log)
+    for name, digest in pushed.items():
+        print(f"{repo}:{name}  {digest}")
+    print(f"sent {client.uploaded / 1048576:.1f} MiB" + (f", mounted {client.mounted} blobs" if client.mounted else ""))
+
+
+def _images(target, flavor, sign_key):
+    from wasmforge.oci import image_set
+    from wasmforge.release import describe_release, package_tarball
+    from wasmforge.sbom import documents
+    from wasmforge.toolchain import find_toolchain
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    release = describe_release(book, book.parse_target(target, flavor), config, find_toolchain(config), log=log)
+    docs = documents(release, Path(sign_key) if sign_key else None)
+    return image_set(release, docs, package_tarball(release, docs), config.root), release
 
 
 @task(help={"key": "the ed25519 public key (PEM) the provenance must be signed with",

@@ -15,6 +15,8 @@ import pytest
 
 from wasmforge.config import Config, project_root
 from wasmforge.errors import ToolchainError
+from wasmforge.pipeline import build_target
+from wasmforge.recipe import RecipeBook
 from wasmforge.toolchain import Toolchain, find_toolchain
 
 ROOT = project_root()
@@ -35,6 +37,25 @@ def integration_config(tmp_path_factory) -> Config:
     once, for real (the user's artifact store would turn the builds into cache hits)."""
     return Config.from_env(output_dir=tmp_path_factory.mktemp("build-output"),
                            store_dir=tmp_path_factory.mktemp("artifacts"))
+
+
+@pytest.fixture(scope="session")
+def php(toolchain, integration_config):
+    """PHP 7.4.33 (default flavor) and its dependencies, built once for the whole session."""
+    config = integration_config
+    book = RecipeBook.load(config.recipes_dir)
+    results = build_target(book, book.parse_target("php-7.4.33"), config, toolchain,
+                           log=lambda m: print(m, flush=True))
+    return config, book, results[-1].output
+
+
+@pytest.fixture(scope="session")
+def lua_build(toolchain, integration_config):
+    """Lua 5.4.7, built once for the whole session."""
+    config = integration_config
+    book = RecipeBook.load(config.recipes_dir)
+    build_target(book, book.parse_target("lua-5.4.7"), config, toolchain, log=lambda m: print(m, flush=True))
+    return config, book
 
 
 def make_tarball(path: Path, files: dict[str, str | bytes], top: str | None = None) -> Path:

@@ -27,15 +27,6 @@ DEMO = ROOT / "examples" / "php" / "docroot" / "index.php"
 
 
 @pytest.fixture(scope="session")
-def php(toolchain, integration_config):
-    config = integration_config
-    book = RecipeBook.load(config.recipes_dir)
-    results = build_target(book, book.parse_target("php-7.4.33"), config, toolchain,
-                           log=lambda m: print(m, flush=True))
-    return config, book, results[-1].output
-
-
-@pytest.fixture(scope="session")
 def php_native(integration_config):
     config = integration_config
     book = RecipeBook.load(config.recipes_dir)

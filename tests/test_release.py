@@ -26,7 +26,7 @@ from test_build import _recipe, _source
 from wasmforge.config import Config
 from wasmforge.errors import RecipeError
 from wasmforge.extract import extract_archive
-from wasmforge.pipeline import build_target, plan
+from wasmforge.pipeline import plan
 from wasmforge.recipe import LicenseFile, RecipeBook, load_recipe
 from wasmforge.release import (
     PackagedFile,
@@ -174,14 +174,6 @@ def test_release_workflow_runs_only_commands_and_options_that_exist():
 
 
 # ----------------------------------------------------------------------------- a real build of Lua
-
-@pytest.fixture(scope="session")
-def lua_build(toolchain, integration_config):
-    config = integration_config
-    book = RecipeBook.load(config.recipes_dir)
-    build_target(book, book.parse_target(LUA), config, toolchain, log=lambda m: print(m, flush=True))
-    return config, book
-
 
 @pytest.fixture
 def lua_dist(lua_build, toolchain, tmp_path):

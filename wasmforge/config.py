@@ -57,6 +57,9 @@ class Config:
     debug: bool = False
     # Seconds one download may take in all (a trickling server is given up on).
     download_deadline: float = DEFAULT_DOWNLOAD_DEADLINE
+    # A shared build cache on an OCI registry (oci://HOST[:PORT]/REPO), and whether builds push to it.
+    remote_cache: str | None = None
+    push_cache: bool = False
 
     def __post_init__(self) -> None:
         # Accept strings for paths (e.g. from the command line or a script).
@@ -81,6 +84,11 @@ class Config:
             values["use_ccache"] = False
         if deadline := os.environ.get("WASMFORGE_DOWNLOAD_DEADLINE"):
             values["download_deadline"] = positive_number("WASMFORGE_DOWNLOAD_DEADLINE", deadline)
+        if remote := os.environ.get("WASMFORGE_REMOTE_CACHE"):
+            values["remote_cache"] = remote
+        # Pushing is on by default in CI (where shared builds come from); WASMFORGE_PUSH_CACHE=0/1 decides.
+        push = os.environ.get("WASMFORGE_PUSH_CACHE")
+        values["push_cache"] = push not in ("", "0", "no", "false") if push is not None else bool(os.environ.get("CI"))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)  # type: ignore[arg-type]
 

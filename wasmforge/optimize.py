@@ -139,3 +139,53 @@ def optimize_module(wasm: Path, tool: WasmOpt, flags: list[str] | tuple[str, ...
                          details=f"{tail}\nfull log: {log_file}",
                          hint="build with `wasm_opt: []` in the recipe's build section to skip it, and report the module")
     os.replace(tmp, wasm)
+
+
+def module_interface(data: bytes) -> tuple[list[str], list[str]]:
+    """The names a module imports (`module/name`) and exports, read from its import and export
+    sections without compiling it (PHP takes seconds to compile)."""
+    imported: list[str] = []
+    exported: list[str] = []
+
+    def name(pos: int) -> tuple[str, int]:
+        length, start = _leb(data, pos)
+        return data[start:start + length].decode(errors="replace"), start + length
+
+    def limits(pos: int) -> int:
+        flags = data[pos]
+        _, pos = _leb(data, pos + 1)
+        return _leb(data, pos)[1] if flags & 1 else pos
+
+    pos = 8
+    while pos < len(data):
+        kind = data[pos]
+        size, pos = _leb(data, pos + 1)
+        end = pos + size
+        if kind == 2:
+            count, p = _leb(data, pos)
+            for _ in range(count):
+                module, p = name(p)
+                field, p = name(p)
+                imported.append(f"{module}/{field}")
+                desc = data[p]
+                p += 1
+                if desc == 0:  # function: a type index
+                    _, p = _leb(data, p)
+                elif desc == 1:  # table: a reference type, then limits
+                    p = limits(p + 1)
+                elif desc == 2:  # memory: limits
+                    p = limits(p)
+                elif desc == 3:  # global: a value type and mutability
+                    p += 2
+                elif desc == 4:  # tag: an attribute and a type index
+                    _, p = _leb(data, p + 1)
+                else:
+                    raise ValueError(f"unknown import kind {desc}")
+        elif kind == 7:
+            count, p = _leb(data, pos)
+            for _ in range(count):
+                field, p = name(p)
+                _, p = _leb(data, p + 1)
+                exported.append(field)
+        pos = end
+    return imported, exported

@@ -49,6 +49,8 @@ from .optimize import (
 from .outputs import MANIFEST, output_dir, read_manifest, stored_output
 from .patches import Patch, apply_series, patch_series
 from .recipe import Package, RecipeBook, Target
+from .registry import Registry
+from .remote_cache import RemoteCache, cache_tag, has_entry, pull_entry, push_entry
 from .runtime import Runner
 from .smoke import TestOutcome, run_smoke_tests
 from .sources import FetchedSource, extract_source, fetch_sources
@@ -136,6 +138,7 @@ def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain 
 def explain(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain | HostToolchain) -> list[str]:
     """For each package of a build: stored (a hit) or not, and on a miss what differs from the nearest stored build."""
     store = ArtifactStore(config.artifacts)
+    remote = remote_registry(config, lambda _: None)
     lines = []
     for item in plan(book, target, config, toolchain):
         label = f"{item.package.target} [{item.key[:12]}]"
@@ -144,6 +147,9 @@ def explain(book: RecipeBook, target: Target, config: Config, toolchain: Toolcha
             continue
         if store.entry(item.key).is_dir():
             lines.append(f"{label}: miss: the stored entry is damaged ({store.problem(item.key)}); it will be rebuilt")
+            continue
+        if remote and has_entry(remote, item.key):
+            lines.append(f"{label}: remote hit ({remote.repo}:{cache_tag(item.key)})")
             continue
         nearest = store.nearest(item.package.target, item.package.name, item.inputs)
         if nearest is None:
@@ -190,6 +196,7 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
             for item in planned}
     waiting = {item.package.name: item for item in planned}
     jobserver = JobServer(config.jobs) if config.jobs > 1 else None
+    remote = remote_registry(config, log)  # one per command: a registry found down is not asked again
     try:
         with ThreadPoolExecutor(max_workers=max(1, config.jobs)) as pool:
             running: dict[Future[BuildResult], str] = {}
@@ -205,7 +212,7 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
                             prefixes = {d: outcomes[d].result.prefix for d in deps[name]}  # type: ignore[union-attr]
                             running[pool.submit(build_package, item, config, toolchain, dep_prefixes=prefixes, log=log,
                                                 force=force and item.package.target == str(target),
-                                                run_tests=run_tests, jobserver=jobserver)] = name
+                                                run_tests=run_tests, jobserver=jobserver, remote=remote)] = name
                             del waiting[name]
                     if not running:
                         continue
@@ -240,7 +247,8 @@ def build_lock(config: Config, package: Package, log: Log) -> Iterator[None]:
 
 def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | HostToolchain, *,
                   dep_prefixes: dict[str, Path], log: Log = print, force: bool = False,
-                  run_tests: bool = True, jobserver: JobServer | None = None) -> BuildResult:
+                  run_tests: bool = True, jobserver: JobServer | None = None,
+                  remote: Registry | None = None) -> BuildResult:
     package, key = item.package, item.key
     store = ArtifactStore(config.artifacts)
     entry = store.entry(key)
@@ -250,6 +258,14 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
         if not force and store.lookup(key, log) is not None:
             link_output(final, entry)
             log(f"{package.target}: up to date (stored build {key[:12]}, {final} -> {entry})")
+            if remote and config.push_cache:
+                push_entry(remote, store, key, package.target, log=log)
+            return BuildResult(package.target, final, entry, key, True, time.perf_counter() - start)
+        if remote and not force and pull_entry(remote, store, key, package.target, log=log,
+                                               precompile=_precompile_here):
+            link_output(final, entry)
+            log(f"{package.target}: remote hit (build {key[:12]} pulled from {remote.repo} and verified, "
+                f"{final} -> {entry})")
             return BuildResult(package.target, final, entry, key, True, time.perf_counter() - start)
         log(f"{package.target}: building")
         ensure_host_packages(package.build.get("host_packages", []), why=f"the build of {package.target}", log=log)
@@ -310,9 +326,26 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
         store.put(key, ctx.staged_prefix)
         link_output(final, entry)
         shutil.rmtree(work, ignore_errors=True)
+        if remote and config.push_cache:
+            push_entry(remote, store, key, package.target, log=log)
     seconds = time.perf_counter() - start
     log(f"{package.target}: built in {seconds:.1f} s -> {final}")
     return BuildResult(package.target, final, entry, key, False, seconds)
+
+
+def remote_registry(config: Config, log: Log) -> Registry | None:
+    """The registry of the shared build cache, when one is configured."""
+    if not config.remote_cache:
+        return None
+    # Few retries: a cache that does not answer soon is not worth waiting for (the build goes on locally).
+    return Registry(RemoteCache.parse(config.remote_cache).repo, log=log, retries=2)
+
+
+def _precompile_here(wasm: Path) -> None:
+    """A pulled module is audited and compiled on this machine, like a built one (no shared native code)."""
+    module = compile_module(wasm)
+    audit_imports(wasm, module=module)
+    precompile(wasm, module)
 
 
 def _prepare(ctx: BuildContext, fetched: FetchedSource, log: Log) -> list[StepTiming]:

@@ -111,6 +111,7 @@ class Release:
     target: Target
     wasmforge: str = __version__
     programs: dict[str, str] = field(default_factory=dict)
+    exceptions: bool = False  # the modules use WebAssembly exception handling (runtimes must enable it)
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -181,7 +182,7 @@ def describe_release(book: RecipeBook, target: Target, config: Config, toolchain
     files += license_files(planned, manifests, config, log)
     release = Release(name=package_name(package), main=components[-1], dependencies=tuple(components[:-1]),
                       files=(), toolchain=main_item.inputs["toolchain"], epoch=epoch, target=target,
-                      programs=programs)
+                      programs=programs, exceptions=package.exceptions)
     files.append(PackagedFile(MANIFEST, package_manifest(release, files)))
     return dataclasses.replace(release, files=tuple(sorted(files, key=lambda f: f.path)))
 
@@ -364,11 +365,15 @@ def _fixed(info: tarfile.TarInfo, epoch: int) -> None:
     info.uname = info.gname = ""
 
 
+def package_tarball(release: Release, documents: dict[str, bytes]) -> bytes:
+    """The release tarball: the package's files and its SBOMs and provenance under <name>/."""
+    return deterministic_tarball([*release.files, *(PackagedFile(n, d) for n, d in documents.items())],
+                                 release.epoch, release.name)
+
+
 def write_package(release: Release, documents: dict[str, bytes], dist: Path, *, log: Log = print) -> list[Path]:
     """Write the tarball and the loose SBOMs/provenance into `dist`, then SHA256SUMS (all atomically)."""
-    tarball = deterministic_tarball([*release.files, *(PackagedFile(n, d) for n, d in documents.items())],
-                                    release.epoch, release.name)
-    outputs = {f"{release.name}.tar.gz": tarball, **documents}
+    outputs = {f"{release.name}.tar.gz": package_tarball(release, documents), **documents}
     dist.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     with exclusive_lock(dist / ".lock", f"another `invoke package` is writing {dist}; waiting for it", log):

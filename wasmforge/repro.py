@@ -26,10 +26,10 @@ from .config import Config
 from .outputs import read_manifest
 from .pipeline import BuildResult, build_target
 from .recipe import RecipeBook, Target
+from .store import STORE_PLACEHOLDER
 from .toolchain import Toolchain
 
 Log = Callable[[str], None]
-STORE_PLACEHOLDER = b"@WASMFORGE_STORE@"
 # The second build's conditions differ from the first's in every way that must not matter.
 SECOND_UMASK = 0o027
 SECOND_ENV = {"TZ": "Pacific/Chatham", "LANG": "fr_FR.UTF-8", "LC_ALL": "fr_FR.UTF-8"}

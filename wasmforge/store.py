@@ -32,6 +32,9 @@ from .verified import fd_sha256
 
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
+# What stands for the store's own directory where entries are compared or shared between machines
+# (pkg-config and libtool files name the entries of their dependencies by path).
+STORE_PLACEHOLDER = b"@WASMFORGE_STORE@"
 
 
 class StoreError(BuildError):
@@ -214,6 +217,10 @@ class ArtifactStore:
             return None
         candidates.sort(key=lambda m: str(m.get("built_at", "")), reverse=True)  # newest wins a tie
         return min(candidates, key=lambda m: len(differences(m.get("inputs", {}), inputs)))
+
+    def scratch(self, label: str) -> Path:
+        """A fresh path in the store's .tmp/ (same file system as the entries: renamed into place)."""
+        return self._scratch(label)
 
     def _scratch(self, label: str) -> Path:
         tmp = self.root / ".tmp"

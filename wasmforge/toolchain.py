@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from .config import Config
-from .debian_archive import DebianArchive
+from .debian_archive import DebianArchive, RemoteFile
 from .errors import SourceError, ToolchainError
 from .recipe import SourceSpec
 from .sources import download_file, extract_archive, extract_source, fetch_one
@@ -347,13 +347,7 @@ def install_debian(config: Config, *, log: Log = print) -> Toolchain:
     root = _toolchains_dir(config) / f"debian-llvm{llvm}-wasi-libc-{libc_version.replace('~', '_')}"
     if (root / IDENTITY_FILE).exists():
         return _make(config, "debian", root, f"assembled from Debian packages in {root}")
-    deb_path = config.cache_dir / "debs" / deb.name
-    if deb_path.is_file() and file_sha256(deb_path) != deb.sha256:
-        log(f"{deb_path} does not match Debian's sha256 any more; fetching it again")
-        deb_path.unlink()
-    if not deb_path.exists():
-        log(f"downloading {deb.name} ({libc_pin['suite']}) from Debian's archive")
-        download_file(deb.url, deb.sha256, deb_path, log=log, deadline=config.download_deadline)
+    deb_path = _fetch_deb(config, deb, libc_pin["suite"], log)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".assemble-"))
     try:
@@ -386,6 +380,43 @@ def install_debian(config: Config, *, log: Log = print) -> Toolchain:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"assembled a WASI toolchain in {root}")
     return _make(config, "debian", root, f"assembled from Debian packages in {root}")
+
+
+def _fetch_deb(config: Config, deb: RemoteFile, suite: str, log: Log) -> Path:
+    """A .deb in our cache, checked against the sha256 Debian's signed index gives (again at every use)."""
+    deb_path = config.cache_dir / "debs" / deb.name
+    if deb_path.is_file() and file_sha256(deb_path) != deb.sha256:
+        log(f"{deb_path} does not match Debian's sha256 any more; fetching it again")
+        deb_path.unlink()
+    if not deb_path.exists():
+        log(f"downloading {deb.name} ({suite}) from Debian's archive")
+        download_file(deb.url, deb.sha256, deb_path, log=log, deadline=config.download_deadline)
+    return deb_path
+
+
+def debian_tool(config: Config, name: str, *, log: Log = print) -> Path:
+    """A statically linked tool from a newer Debian suite (`debian.tools` in toolchain/pins.yaml: oras from
+    trixie), unpacked into the cache without touching the system; its path."""
+    pin = load_pins(config)["debian"].get("tools", {}).get(name)
+    if not isinstance(pin, dict):
+        raise ToolchainError(f"no pinned Debian tool named {name!r}", where=str(config.toolchain_dir / "pins.yaml"))
+    archive = DebianArchive(config.cache_dir / "apt")
+    deb = archive.binary_file(pin["package"], pin["suite"])
+    root = _toolchains_dir(config).parent / "tools" / deb.name.removesuffix(".deb")
+    binary = root / pin["binary"]
+    if binary.is_file():
+        return binary
+    deb_path = _fetch_deb(config, deb, pin["suite"], log)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".unpack-"))
+    try:
+        subprocess.run(["dpkg-deb", "-x", str(deb_path), str(staging)], check=True, capture_output=True)
+        if not (staging / pin["binary"]).is_file():
+            raise ToolchainError(f"{deb.name} has no {pin['binary']}", where=str(config.toolchain_dir / "pins.yaml"))
+        os.replace(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return binary
 
 
 def _deb_installed(package: str) -> bool:
