@@ -27,7 +27,7 @@ from invoke.exceptions import Exit  # noqa: E402
 
 # Only what every command needs is imported here; each task imports its stages itself, so that
 # `invoke run` does not pay for the build machinery (requests, the toolchain, benchmarks).
-from wasmforge.config import Config, positive_number  # noqa: E402
+from wasmforge.config import MAX_SECONDS, Config, positive_number  # noqa: E402
 from wasmforge.errors import WasmforgeError  # noqa: E402
 from wasmforge.outputs import output_dir, read_manifest, stored_output  # noqa: E402
 from wasmforge.recipe import RecipeBook  # noqa: E402
@@ -66,11 +66,11 @@ def cli(func: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _number(option: str, value: Any, *, integer: bool = False) -> float | None:
+def _number(option: str, value: Any, *, integer: bool = False, maximum: float | None = None) -> float | None:
     """An optional numeric option: None when not given, else positive (one message otherwise)."""
-    if value is None or value == "":
+    if value is None:
         return None
-    return positive_number(option, value, integer=integer)
+    return positive_number(option, value, integer=integer, maximum=maximum)
 
 
 def _config(jobs: Any = None, mirror: list[str] | None = None) -> Config:
@@ -234,8 +234,8 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
     """Run a built program: invoke run lua-5.4.7 -- -e "print(1+1)"."""
     from wasmforge.run import parse_dir, parse_env
     from wasmforge.runtime import Runner
-    seconds = _number("--timeout", timeout)
-    mib = _number("--memory", memory, integer=True)
+    seconds = _number("--timeout", timeout, maximum=MAX_SECONDS)
+    mib = _number("--memory", memory, integer=True, maximum=4096)  # wasm32 addresses 4 GiB
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)

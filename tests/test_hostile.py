@@ -430,6 +430,23 @@ def test_a_trickling_server_is_given_up_on_at_the_deadline(project, http_server)
     assert not any(p.is_file() for p in config.source_cache.rglob("*"))
 
 
+def test_a_server_trickling_its_headers_is_given_up_on_at_the_deadline(project, http_server):
+    def trickle(h):
+        h.wfile.write(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        for _ in range(100):
+            h.wfile.write(b"x")
+            h.wfile.flush()
+            time.sleep(0.2)
+    http_server.routes["/x.tar.gz"] = trickle
+    config = Config(**{**project.config.__dict__, "download_deadline": 1.5})
+    start = time.monotonic()
+    with pytest.raises(SourceError) as info:
+        fetch_sources([SourceSpec(sha256=TARBALL_SHA, url=http_server.url("/x.tar.gz"))], config, log=lambda m: None)
+    assert "gave up after 1.5 s" in info.value.details and "headers" in info.value.details
+    assert time.monotonic() - start < 6
+    assert not any(p.is_file() for p in config.source_cache.rglob("*"))
+
+
 def test_a_malformed_content_length_is_one_message(project, http_server):
     http_server.routes["/x.tar.gz"] = _answer(200, TARBALL, {"Content-Length": "12abc"})
     with pytest.raises(SourceError) as info:
@@ -514,6 +531,29 @@ def test_the_launcher_runs_only_verified_precompiled_code(precompiled, launcher,
     assert result.returncode == 4 and result.stdout == "bye\n" and "compiling" in result.stderr
 
 
+def test_the_launcher_uses_precompiled_code_only_for_this_engine_and_cpu(precompiled, launcher):
+    env = {"WASMFORGE_RUN_DEBUG": "1"}
+    key_file = precompiled.with_suffix(".cwasm.json")
+    for field, value in (("arch", "sparc"), ("cpu", "0123456789abcdef"), ("wasmtime", "1.0.0")):
+        key = json.loads(key_file.read_text())
+        original = key["aot"][field]
+        key["aot"][field] = value
+        key_file.write_text(json.dumps(key, indent=2) + "\n")
+        result = subprocess.run([str(launcher), str(precompiled), "exit", "4"], capture_output=True, text=True, env=env)
+        assert result.returncode == 4 and "made for another engine or CPU" in result.stderr, field
+        assert "compiling" in result.stderr and "precompiled" not in result.stderr.replace("no usable", "")
+        key["aot"][field] = original
+        key_file.write_text(json.dumps(key, indent=2) + "\n")
+    result = subprocess.run([str(launcher), str(precompiled), "exit", "4"], capture_output=True, text=True, env=env)
+    assert result.returncode == 4 and "wasmforge-run: precompiled" in result.stderr
+
+
+def test_the_memory_limit_is_named_when_a_module_does_not_fit(prog):
+    with pytest.raises(RunError) as info:
+        Runner().run(prog, ["prog"], memory_limit=1 << 16)  # one page
+    assert "more memory than the limit of 0.0625 MiB" in info.value.render()
+
+
 @pytest.mark.parametrize("how", ["python", "launcher"])
 def test_a_closed_stdin_reads_as_empty_not_as_a_file_we_opened(precompiled, launcher, how):
     command = [sys.executable, "-m", "wasmforge.run", str(precompiled), "--", "cat"] if how == "python" \
@@ -559,6 +599,9 @@ def test_truncated_modules_and_modules_without_start_are_one_message(prog, tmp_p
     (["run", "lua", "--memory", "1.5"], "--memory: '1.5' must be a whole number"),
     (["build", "lua", "--jobs", "many"], "--jobs: 'many' is not a number"),
     (["build", "lua", "--jobs", "0"], "--jobs: '0' must be a positive number"),
+    (["run", "lua", "--timeout", "1e10"], "--timeout: '1e10' is too large (at most 1e+09)"),
+    (["run", "lua", "--timeout", ""], "--timeout: '' is not a number"),
+    (["run", "lua", "--memory", "1e30"], "--memory: '1e30' is too large (at most 4096)"),
 ])
 def test_bad_numbers_on_the_command_line_are_one_message(args, message):
     result = subprocess.run([*INVOKE, *args], cwd=ROOT, capture_output=True, text=True)
@@ -603,6 +646,44 @@ def test_an_entry_with_an_extra_or_edited_file_is_not_used(project, toolchain):
     again, messages = _build(project, toolchain, "hello-1.0")
     assert not again[-1].reused and any("discarding the damaged entry" in m for m in messages)
     stored_output(project.config, package)
+
+
+def test_the_launcher_refuses_modules_of_a_damaged_entry(project, toolchain, launcher):
+    result = _hello(project, toolchain)
+    book = RecipeBook.load(project.config.recipes_dir)
+    out, _ = stored_output(project.config, book.package(book.parse_target("hello-1.0")))
+    module = out / "bin" / "hello.wasm"
+    ok = subprocess.run([str(launcher), str(module)], capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout == "hello world\n"
+    bin_dir = result.prefix / "bin"
+    commands = {"launcher": [str(launcher)], "python": [sys.executable, "-m", "wasmforge.run"]}
+    # A module planted in the entry (not in its manifest) is not run.
+    shutil.copyfile(module, bin_dir / "planted.wasm")
+    for how, command in commands.items():
+        run = subprocess.run([*command, str(out / "bin" / "planted.wasm")], capture_output=True, text=True)
+        assert run.returncode == 1 and "damaged artifact store entry" in run.stderr and run.stdout == "", how
+    (bin_dir / "planted.wasm").unlink()
+    # Precompiled code swapped for other code with a key of its own: refused, not just skipped.
+    other = bin_dir / "other.wasm"
+    shutil.copyfile(module, other)
+    with other.open("ab") as f:
+        f.write(b"\x00\x04\x03abc")  # a custom section named "abc": another module, the same behaviour
+    precompile(other)
+    os.replace(bin_dir / "other.cwasm", bin_dir / "hello.cwasm")
+    os.replace(bin_dir / "other.cwasm.json", bin_dir / "hello.cwasm.json")
+    other.unlink()
+    data = json.loads((bin_dir / "hello.cwasm.json").read_text())
+    data["wasm_sha256"] = hashlib.sha256(module.read_bytes()).hexdigest()
+    (bin_dir / "hello.cwasm.json").write_text(json.dumps(data, indent=2) + "\n")
+    for how, command in commands.items():
+        run = subprocess.run([*command, str(module)], capture_output=True, text=True)
+        assert run.returncode == 1 and "damaged artifact store entry" in run.stderr and run.stdout == "", how
+    # Without its manifest.json an entry is still an entry, and damaged.
+    again, _ = _build(project, toolchain, "hello-1.0")
+    (again[-1].prefix / "manifest.json").unlink()
+    for how, command in commands.items():
+        run = subprocess.run([*command, str(again[-1].prefix / "bin" / "hello.wasm")], capture_output=True, text=True)
+        assert run.returncode == 1 and "damaged artifact store entry" in run.stderr and run.stdout == "", how
 
 
 def _unshare_works() -> bool:

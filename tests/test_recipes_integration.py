@@ -102,7 +102,9 @@ def test_commands_refuse_an_edited_stored_module(built):
     wasm.write_bytes(bytes(edited))
     os.utime(wasm, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     try:
-        for command in (["run", "lua-5.4.7", "--", "-e", "print(1+1)"], ["test", "lua-5.4.7"]):
+        script = str(ROOT / "recipes" / "fixtures" / "lua" / "hello.lua")
+        for command in (["run", "lua-5.4.7", "--", "-e", "print(1+1)"], ["test", "lua-5.4.7"],
+                        ["compare", "lua-5.4.7", script], ["conformance", "lua-5.4.7", "--output", os.devnull]):
             result = subprocess.run([sys.executable, "-m", "invoke", *command], cwd=ROOT, env=env,
                                     capture_output=True, text=True)
             assert result.returncode == 1 and result.stdout == ""

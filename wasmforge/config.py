@@ -25,15 +25,22 @@ def project_root() -> Path:
     return Path(__file__).resolve().parent.parent
 
 
-def positive_number(name: str, text: str | float | int, *, integer: bool = False, allow_zero: bool = False
-                    ) -> float:
-    """A command-line or environment number, refused with one message unless it is positive (and finite)."""
+# The longest timeout we accept (about 31 years, as wasmforge-run): the timers under it take no more.
+MAX_SECONDS = 1e9
+
+
+def positive_number(name: str, text: str | float | int, *, integer: bool = False, allow_zero: bool = False,
+                    maximum: float | None = None) -> float:
+    """A command-line or environment number, refused with one message unless it is positive (and finite,
+    and at most `maximum`)."""
     try:
         value = float(text)
     except (TypeError, ValueError):
         raise WasmforgeError(f"{name}: {text!r} is not a number") from None
     if value != value or value in (float("inf"), float("-inf")) or value < 0 or (value == 0 and not allow_zero):
         raise WasmforgeError(f"{name}: {text!r} must be a positive number")
+    if maximum is not None and value > maximum:
+        raise WasmforgeError(f"{name}: {text!r} is too large (at most {maximum:g})")
     if integer and value != int(value):
         raise WasmforgeError(f"{name}: {text!r} must be a whole number")
     return value

@@ -8,6 +8,7 @@ its key matches, and exits with the program's status. Options: --dir GUEST:HOST,
 from __future__ import annotations
 
 import ctypes.util
+import hashlib
 import shutil
 import subprocess
 import sys
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import wasmtime
 
-from .config import positive_number
+from .config import MAX_SECONDS, positive_number
 from .errors import ToolchainError, WasmforgeError
-from .runtime import Runner, reserve_std_fds, wasmtime_version
+from .runtime import Runner, aot_value_text, reserve_std_fds, wasmtime_version
 from .store import entry_containing
 
 LAUNCHER_SOURCE = Path(__file__).parent / "launcher" / "wasmforge-run.c"
@@ -32,7 +33,12 @@ def build_launcher(cache_dir: Path) -> Path:
     compiler = shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         raise ToolchainError("building wasmforge-run needs a C compiler", hint="apt-get install gcc")
-    launcher = cache_dir / "bin" / f"wasmforge-run-wasmtime-{wasmtime_version()}"
+    # The launcher uses a .cwasm only when its key names this wasmtime, engine settings, architecture and
+    # CPU, compared as the very text precompile writes; those texts are compiled in (and name the binary,
+    # so another CPU sharing this cache gets its own launcher).
+    header = _aot_header()
+    digest = hashlib.sha256(header.encode()).hexdigest()[:12]
+    launcher = cache_dir / "bin" / f"wasmforge-run-wasmtime-{wasmtime_version()}-{digest}"
     library = libraries[0]
     # The launcher finds the library by its absolute path (rpath): a recreated virtualenv moves it,
     # so the path it was linked against is kept beside it and a change relinks it.
@@ -46,14 +52,26 @@ def build_launcher(cache_dir: Path) -> Path:
     crypto = ctypes.util.find_library("crypto")
     if not crypto:
         raise ToolchainError("building wasmforge-run needs OpenSSL's libcrypto", hint="apt-get install libssl3")
-    result = subprocess.run([compiler, "-O2", "-Wall", "-o", str(tmp), str(LAUNCHER_SOURCE), f"-L{library.parent}",
-                             f"-l:{library.name}", f"-l:{crypto}", "-lpthread", f"-Wl,-rpath,{library.parent}"],
-                            capture_output=True, text=True)
+    header_file = launcher.with_name(launcher.name + ".h")
+    header_file.write_text(header)
+    result = subprocess.run([compiler, "-O2", "-Wall", "-include", str(header_file), "-o", str(tmp),
+                             str(LAUNCHER_SOURCE), f"-L{library.parent}", f"-l:{library.name}", f"-l:{crypto}",
+                             "-lpthread", f"-Wl,-rpath,{library.parent}"], capture_output=True, text=True)
     if result.returncode != 0:
         raise ToolchainError("could not compile wasmforge-run", details=result.stderr[-2000:])
     tmp.replace(launcher)
     linked_against.write_text(str(library))
     return launcher
+
+
+def _aot_header() -> str:
+    """C definitions of the `"aot": ...` value texts that precompile writes for this machine."""
+    lines = []
+    for exceptions, name in ((True, "AOT_WITH_EXCEPTIONS"), (False, "AOT_WITHOUT_EXCEPTIONS")):
+        text = aot_value_text(exceptions)
+        literal = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        lines.append(f'#define {name} "{literal}"')
+    return "\n".join(lines) + "\n"
 
 
 def parse_dir(spec: str) -> tuple[str, Path]:
@@ -106,7 +124,7 @@ def main(args: list[str]) -> int:
             elif option == "--env":
                 env.update([parse_env(value)])
             else:
-                timeout = positive_number("--timeout", value)
+                timeout = positive_number("--timeout", value, maximum=MAX_SECONDS)
         check_stored_module(module)
         result = Runner().run(module, [module.stem, *program_args], env=env, dirs=dirs, timeout=timeout,
                               capture=False)

@@ -101,6 +101,13 @@ def aot_key(exceptions: bool) -> dict[str, object]:
             "arch": platform.machine(), "cpu": cpu_fingerprint()}
 
 
+def aot_value_text(exceptions: bool) -> str:
+    """How the `"aot"` value appears in a key file that precompile writes (json, indent 2, first key):
+    wasmforge-run compares this text, so it must follow precompile's format."""
+    text = json.dumps({"aot": aot_key(exceptions)}, indent=2)
+    return text[text.index('"aot": ') + len('"aot": '):text.rindex("\n}")]
+
+
 @cache
 def make_engine(exceptions: bool) -> wasmtime.Engine:
     config = wasmtime.Config()
@@ -274,8 +281,11 @@ class Runner:
             try:
                 instance = linker.instantiate(store, module)
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-                raise RunError(f"wasmtime cannot instantiate {wasm}", details=str(exc).strip()[:2000],
-                               hint="does it import something other than WASI preview 1?") from None
+                text = str(exc).strip()
+                limited = memory_limit and ("memory" in text.lower() or "limit" in text.lower())
+                raise RunError(f"wasmtime cannot instantiate {wasm}", details=text[:2000],
+                               hint=f"the module needs more memory than the limit of {memory_limit / 1048576:g} MiB"
+                               if limited else "does it import something other than WASI preview 1?") from None
             start_func = instance.exports(store).get("_start")
             if not isinstance(start_func, wasmtime.Func):
                 raise RunError(f"{wasm} has no _start function: it is not a WASI command module")

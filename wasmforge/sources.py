@@ -19,11 +19,13 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import requests
 import urllib3
@@ -228,8 +230,8 @@ def _download_once(url: str, sha256: str, dest: Path, *, progress: bool, label: 
     try:
         # Identity encoding: we verify and keep the bytes of the file itself, never a re-encoding
         # (a .tar.gz served with Content-Encoding: gzip must not be unpacked on the way).
-        response = requests.get(url, stream=True, timeout=(15, min(READ_TIMEOUT, deadline)),
-                                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
+        response = _get_within(url, deadline, timeout=(15, min(READ_TIMEOUT, deadline)),
+                               headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     except requests.ConnectionError as exc:
         raise _Miss(f"cannot connect ({_reason(exc)})") from None
     except requests.RequestException as exc:
@@ -272,6 +274,42 @@ def _download_once(url: str, sha256: str, dest: Path, *, progress: bool, label: 
         finally:
             if bar:
                 bar.close()
+
+
+def _get_within(url: str, deadline: float, **kwargs: Any) -> requests.Response:
+    """requests.get(url, stream=True) that gives up at `deadline` seconds even while the server is still
+    trickling its status line and headers (requests' read timeout is per read, so it cannot): the
+    request runs in a daemon thread that is abandoned at the deadline (its response, if one ever
+    arrives, is closed)."""
+    box: dict[str, Any] = {}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def fetch() -> None:
+        try:
+            response = requests.get(url, stream=True, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 (handed to the waiting thread)
+            box["error"] = exc
+        else:
+            with lock:
+                if box.get("abandoned"):
+                    response.close()
+                else:
+                    box["response"] = response
+        finally:
+            done.set()
+
+    threading.Thread(target=fetch, name="wasmforge-download", daemon=True).start()
+    if not done.wait(deadline):
+        with lock:
+            box["abandoned"] = True
+            if "response" in box:
+                box["response"].close()
+        raise _Miss(f"gave up after {deadline:g} s (the deadline for one file): the server had not finished "
+                    "sending its headers")
+    if "error" in box:
+        raise box["error"]
+    return box["response"]
 
 
 def _content_length(value: str | None) -> int | None:

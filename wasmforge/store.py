@@ -237,15 +237,15 @@ class ArtifactStore:
 
 def entry_containing(path: Path) -> tuple[ArtifactStore, str] | None:
     """The store and key of the entry that `path` (or what it links to) lies in, if it is in one:
-    `<store>/<key[:2]>/<key>/...` with a manifest.json, whichever store that is."""
+    `<store>/<key[:2]>/<key>/...`, whichever store that is. Known by the path's shape alone, so an
+    entry whose manifest.json was deleted is still one (and damaged), not an ordinary directory."""
     try:
         resolved = path.resolve()
     except OSError:
         return None
     for entry in (resolved, *resolved.parents):
         key = entry.name
-        if len(key) == 64 and all(c in "0123456789abcdef" for c in key) and entry.parent.name == key[:2] \
-                and (entry / MANIFEST).is_file():
+        if len(key) == 64 and all(c in "0123456789abcdef" for c in key) and entry.parent.name == key[:2]:
             return ArtifactStore(entry.parent.parent), key
     return None
 

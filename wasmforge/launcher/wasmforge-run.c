@@ -249,6 +249,52 @@ static char *text_file(const char *path) {
     return text;
 }
 
+static char *text_file_sized(const char *path, size_t *size) {
+    uint8_t *data = read_file(path, size);
+    if (!data) return NULL;
+    char *text = realloc(data, *size + 1);
+    if (!text) { free(data); return NULL; }
+    text[*size] = '\0';
+    return text;
+}
+
+/* The artifact store entry the resolved `path` lies in (a directory named by a 64-hex key inside one
+ * named by its first two characters), or NULL. */
+static char *entry_of(const char *path) {
+    char *real = realpath(path, NULL);
+    if (!real) return NULL;
+    for (char *end = strrchr(real, '/'); end && end > real; end = strrchr(real, '/')) {
+        *end = '\0';
+        char *name = strrchr(real, '/');
+        if (!name) break;
+        name++;
+        bool key = strlen(name) == 64;
+        for (int k = 0; key && k < 64; k++) key = (name[k] >= '0' && name[k] <= '9') || (name[k] >= 'a' && name[k] <= 'f');
+        if (key && name - real >= 4 && name[-1] == '/' && name[-4] == '/' && strncmp(name - 3, name, 2) == 0)
+            return real;
+    }
+    free(real);
+    return NULL;
+}
+
+/* Whether the manifest's outputs (from its top-level `"outputs": {` on) list `rel` with this sha256. */
+static bool listed_with(const char *outputs, const char *rel, const char *sha) {
+    char label[4400], found[65];
+    snprintf(label, sizeof label, "\n    \"%s\": {", rel);
+    const char *end = strstr(outputs, "\n  }");
+    const char *at = strstr(outputs, label);
+    return at && (!end || at < end) && json_hex(at, NULL, "sha256", found) && strcmp(found, sha) == 0;
+}
+
+/* Whether the key file's "aot" value is exactly `expected`, followed by the next field. */
+static bool aot_matches(const char *key, const char *expected) {
+    const char *at = strstr(key, "\"aot\": ");
+    if (!at) return false;
+    at += strlen("\"aot\": ");
+    size_t len = strlen(expected);
+    return strncmp(at, expected, len) == 0 && at[len] == ',';
+}
+
 static wasm_trap_t *proc_exit(void *env, wasmtime_caller_t *caller, const wasmtime_val_t *args, size_t nargs,
                               wasmtime_val_t *results, size_t nresults) {
     (void)env; (void)caller; (void)nargs; (void)results; (void)nresults;
@@ -282,42 +328,57 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
         exit(1);
     }
 
-    /* In a store entry (ENTRY/bin/NAME.wasm beside ENTRY/manifest.json) the module must be the one built. */
-    const char *slash = strrchr(wasm, '/');
-    size_t dir_len = slash ? (size_t)(slash - wasm) : 0;
-    const char *name = slash ? slash + 1 : wasm;
-    if (dir_len >= 4 && strncmp(wasm + dir_len - 4, "/bin", 4) == 0) {
-        snprintf(manifest, n + 32, "%.*s/manifest.json", (int)(dir_len - 4), wasm);
-        char *text = text_file(manifest);
-        if (text) {
-            char label[512];
-            snprintf(label, sizeof label, "\"bin/%s\": {", name);
-            if (strstr(text, label) && json_hex(text, label, "sha256", expected) && strcmp(expected, wasm_sha) != 0) {
-                fprintf(stderr, "wasmforge-run: %s does not match the sha256 in %s: the stored build is damaged; "
-                                "nothing was run (rebuild it with invoke build)\n", wasm, manifest);
-                exit(1);
-            }
-            free(text);
+    /* In a store entry (STORE/kk/KEY/..., found by the shape of the resolved path, so a deleted
+     * manifest.json does not hide it) the module must be one the manifest lists, with its sha256. */
+    char *entry = entry_of(wasm);
+    char *outputs = NULL, *manifest_text = NULL, rel_cwasm[4096] = "", rel_key[4200] = "";
+    if (entry) {
+        free(manifest);
+        manifest = malloc(strlen(entry) + 16);
+        sprintf(manifest, "%s/manifest.json", entry);
+        manifest_text = text_file(manifest);
+        outputs = manifest_text ? strstr(manifest_text, "\n  \"outputs\": {") : NULL;  /* the top-level key */
+        char *real = realpath(wasm, NULL);
+        const char *rel = real ? real + strlen(entry) + 1 : "";
+        if (!outputs || !listed_with(outputs, rel, wasm_sha)) {
+            fprintf(stderr, "wasmforge-run: %s belongs to a damaged artifact store entry (%s): %s; nothing was run "
+                            "(rebuild it with invoke build)\n", wasm, entry,
+                    !manifest_text ? "no readable manifest.json" : !outputs ? "manifest.json lists no outputs"
+                                   : "the module is not the one its manifest.json lists");
+            exit(1);
         }
+        snprintf(rel_cwasm, sizeof rel_cwasm, "%.*s.cwasm", (int)strlen(rel) - 5, rel);
+        snprintf(rel_key, sizeof rel_key, "%s.json", rel_cwasm);
+        free(real);
     }
 
     wasmtime_module_t *module = NULL;
-    char *key = text_file(key_path);
-    char cwasm_sha[65];
+    size_t key_size = 0;
+    char *key = text_file_sized(key_path, &key_size);
+    char cwasm_sha[65], key_sha[65];
     int code_fd = -1;
     size_t code_size = 0;
     uint8_t *code = NULL;
-    if (key && json_hex(key, NULL, "wasm_sha256", expected) && strcmp(expected, wasm_sha) == 0 &&
+    /* The key must be for this wasmtime, engine settings, architecture and CPU (the text precompile
+     * writes for them, compiled into this launcher), which also says whether the module uses exceptions. */
+    int exceptions = !key ? -1 : aot_matches(key, AOT_WITH_EXCEPTIONS) ? 1 : aot_matches(key, AOT_WITHOUT_EXCEPTIONS) ? 0 : -1;
+    if (key && exceptions < 0 && debug) fprintf(stderr, "wasmforge-run: %s was made for another engine or CPU\n", cwasm);
+    if (key) sha256_hex((const uint8_t *)key, key_size, key_sha);
+    if (key && exceptions >= 0 && json_hex(key, NULL, "wasm_sha256", expected) && strcmp(expected, wasm_sha) == 0 &&
         json_hex(key, NULL, "cwasm_sha256", expected) && (code_fd = open(cwasm, O_RDONLY | O_CLOEXEC)) >= 0 &&
         fd_sha256(code_fd, cwasm_sha, &code, &code_size)) {
+        if (entry && (!listed_with(outputs, rel_cwasm, cwasm_sha) || !listed_with(outputs, rel_key, key_sha))) {
+            fprintf(stderr, "wasmforge-run: %s belongs to a damaged artifact store entry (%s): its precompiled code "
+                            "or key is not what manifest.json lists; nothing was run (rebuild it with invoke build)\n",
+                    wasm, entry);
+            exit(1);
+        }
         if (strcmp(cwasm_sha, expected) == 0) {
             /* wasmtime loads what was checked: the bytes hashed, or (from a stamp) our open descriptor,
-             * which a file renamed into place cannot change. It accepts precompiled code only from the
-             * same version and settings: try with exception handling (as our builds mostly are), then
-             * without. */
+             * which a file renamed into place cannot change. */
             char own[64];
             snprintf(own, sizeof own, "/proc/self/fd/%d", code_fd);
-            for (int exceptions = 1; exceptions >= 0; exceptions--) {
+            {
                 wasm_config_t *config = wasm_config_new();
                 wasmtime_config_wasm_exceptions_set(config, exceptions);
                 wasmtime_config_epoch_interruption_set(config, true);
@@ -330,6 +391,8 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
                     free(code);
                     free(key);
                     free(wasm_bytes);
+                    free(manifest_text);
+                    free(entry);
                     close(code_fd);
                     close(wasm_fd);
                     return module;
@@ -342,6 +405,8 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
     if (code_fd >= 0) close(code_fd);
     free(code);
     free(key);
+    free(manifest_text);
+    free(entry);
     if (!wasm_bytes) {
         wasm_bytes = read_fd(wasm_fd, &wasm_size);
         char again[65];
