@@ -371,6 +371,7 @@ class FaultProxy:
 
     def __init__(self, upstream: str) -> None:
         self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str]] = []
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -379,6 +380,7 @@ class FaultProxy:
             def _any(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                proxy.requests.append((self.command, self.path))
                 fault = next((f for f in proxy.faults if f.method == self.command and f.path_part in self.path
                               and (f.times is None or f.seen < f.times)), None)
                 if fault:
@@ -486,6 +488,22 @@ def test_transient_failures_are_retried(lua_images, registry, proxy):
     assert "5.4.7" in published
     assert all(f.seen == f.times for f in proxy.faults)
     assert set(_tags(registry, repo)) >= {"5.4.7", "5.4.7-release"}
+
+
+@pytest.mark.integration
+def test_large_blobs_go_up_in_chunks(lua_images, registry, proxy, monkeypatch):
+    from wasmforge import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "CHUNK", 64 << 10)
+    repo = f"chunks/{uuid.uuid4().hex[:8]}"
+    published, client = _publish(lua_images, proxy.host, repo)
+    patches = [path for method, path in proxy.requests if method == "PATCH"]
+    largest = max(len(b.data) for b in lua_images.blobs.values())
+    assert len(patches) >= largest // (64 << 10)
+    module = next(b for b in lua_images.blobs.values() if b.media_type == "application/wasm")
+    pulled = Registry(Repository.parse(f"{registry.host}/{repo}", insecure=True), log=lambda m: None)
+    assert pulled.get_blob(module.digest, limit=len(module.data)) == module.data
+    assert set(_tags(registry, repo)) >= {"5.4.7", "5.4.7-lua-wasm"}
 
 
 # ----------------------------------------------------------------------------- bearer tokens
