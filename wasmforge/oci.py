@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import WasmforgeError
 from .optimize import module_interface
 from .registry import Registry, RegistryError, check_tag
+from .sources import progress_bar
 
 if TYPE_CHECKING:  # the remote cache uses this module from inside the build pipeline
     from .release import Release
@@ -282,7 +283,7 @@ def publish(images: ImageSet, registry: Registry, tag: str, main_program: str, *
     total = sum(len(b.data) for b in missing)
     log(f"publish: {len(blobs)} blobs ({len(blobs) - len(missing)} already there), "
         f"{total / 1048576:.1f} MiB to send to {registry.repo}")
-    bar = _progress(f"push {registry.repo}", total)
+    bar = progress_bar(f"push {registry.repo}", total) if total else None
     try:
         for blob in missing:
             registry.push_blob(blob.data, blob.digest, mount_from=mount_from, progress=bar.update if bar else None,
@@ -306,13 +307,3 @@ def publish(images: ImageSet, registry: Registry, tag: str, main_program: str, *
     for ref, name in tags.items():
         published[name] = registry.put_manifest(name, MANIFEST_TYPE, by_ref[ref].manifest.data)
     return published
-
-
-def _progress(label: str, total: int):  # type: ignore[no-untyped-def]
-    import sys
-
-    if not total or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, leave=False)

@@ -242,7 +242,7 @@ def _download_once(url: str, sha256: str, dest: Path, *, progress: bool, label: 
         if response.status_code != 200:
             raise _Miss(f"HTTP {response.status_code}")
         expected = _content_length(response.headers.get("Content-Length"))
-        bar = _progress_bar(label, expected) if progress else None
+        bar = progress_bar(label, expected) if progress else None
         received = 0
 
         def chunks() -> Iterator[bytes]:
@@ -345,7 +345,8 @@ def _reason(exc: BaseException) -> str:
     return text[:160]
 
 
-def _progress_bar(label: str, total: int | None):  # type: ignore[no-untyped-def]
+def progress_bar(label: str, total: int | None):  # type: ignore[no-untyped-def]
+    """A byte-counting progress bar on a terminal (None elsewhere: logs stay clean)."""
     if not sys.stderr.isatty():
         return None
     from tqdm import tqdm
