@@ -263,10 +263,20 @@ def test_templates_are_sandboxed_and_errors_point_into_the_recipe(project, templ
     ('tests: [{run: [x], timeout: -1}]\noutputs: {x: x}\n', "must be a positive number"),
     ('tests: [{run: [x], timeout: 0}]\noutputs: {x: x}\n', "must be a positive number"),
     ('tests: [{run: [x], timeout: "soon"}]\noutputs: {x: x}\n', "must be a number"),
+    ('tests: [{run: [x], timeout: 10000000000}]\noutputs: {x: x}\n', "must be at most 1e.09 seconds"),
 ])
 def test_bad_numbers_in_recipes(project, body, message):
     with pytest.raises(RecipeError, match=message):
         load_recipe(_recipe_file(project, body))
+
+
+def test_a_recipe_that_links_outside_the_recipes_directory_is_refused(project, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("root:$6$not-for-your-eyes\n")
+    (project.root / "recipes" / "evil.yaml").symlink_to(secret)
+    with pytest.raises(RecipeError) as info:
+        load_recipe(project.root / "recipes" / "evil.yaml")
+    assert "is a link to" in info.value.what and "not-for-your-eyes" not in info.value.render()
 
 
 @pytest.mark.parametrize("source, message", [

@@ -9,9 +9,12 @@ stage, because they see the toolchain and install prefixes (`Package.render`).
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import hashlib
 import re
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time
 from functools import cache
@@ -19,9 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.compiler
+import jinja2.lexer
+import jinja2.nodes
+import jinja2.runtime
 import jinja2.sandbox
 
-from .config import default_cache_dir
+from .config import MAX_SECONDS, default_cache_dir
 from .errors import RecipeError
 from .extract import ExtractLimits
 from .yamlspans import KeyPath, SpannedDoc, load_spanned
@@ -31,24 +38,392 @@ NAME_RE = re.compile(r"^[a-z][a-z0-9_]*(-[a-z][a-z0-9_]*)*$")
 BUILD_SYSTEMS = ("autotools", "make", "cmake", "script")
 CR_PLACEHOLDER = "\x00wasmforge-cr\x00"
 
-# A recipe may come from anywhere: its templates run in Jinja2's sandbox (no attribute of Python's
-# internals is reachable), see only our variables (no globals such as `range` or `lipsum`), and cannot
-# build huge values with `*` or `**`.
-MAX_TEMPLATE_VALUE = 1 << 20
+# A recipe may come from anywhere, and commands such as `invoke list` render its templates. So a
+# template is expressions only (`${{ ... }}`: no `{% %}` statements, hence no loops, and no comments),
+# runs in Jinja2's sandbox (no attribute of Python's internals is reachable), sees only our variables
+# (no globals such as `range` or `lipsum`), may call only the filters and the methods of strings, lists
+# and mappings listed below, and everything it makes is bounded: a template that would build a huge
+# value or keep the machine busy is refused with one message before it does.
+MAX_TEMPLATE_SOURCE = 64 << 10  # characters of one templated value (real ones: under 500)
+MAX_TEMPLATE_TOKENS = 1000  # tokens of one, but spaces (real ones: under 20); compiling one takes ~30 µs
+MAX_TEMPLATE_VALUE = 1 << 20  # the size of any value a template makes: characters, items, digits
+MAX_TEMPLATE_INT = 1_000_000  # a width, count or other whole-number argument of a filter or method
+MAX_TEMPLATE_BITS = 4096  # an integer made by `*` or `**`
+# The work of rendering one value, and of all the values of one resolution of a recipe together, in
+# units of roughly 10 ns: 8 per item (1 per character of a string) of every value read or made, 256 per
+# operation (a call of a filter or method, an operator), 2048 per token compiled. Real recipes use
+# 20,000-160,000 units in all (`invoke list` and every build command); these limits are well under a
+# second of work.
+MAX_TEMPLATE_WORK = 16 << 20
+MAX_RECIPE_TEMPLATE_WORK = 32 << 20
+_PER_OPERATION = 256
+_PER_ITEM = 8
+_PER_TOKEN = 2048
+TEMPLATE_LIMITS_HINT = ("recipe templates are expressions (${{ ... }}) that make small values: strings and lists "
+                        f"up to {MAX_TEMPLATE_VALUE:,} characters and items, integers up to {MAX_TEMPLATE_BITS} "
+                        f"bits, widths and counts up to {MAX_TEMPLATE_INT:,}")
+TEMPLATE_SANDBOX_HINT = ("recipe templates see only the recipe's variables and call only Jinja2's filters and "
+                         "the plain methods of strings, lists and mappings (not format)")
+
+
+class TemplateRefused(jinja2.sandbox.SecurityError):
+    """A template asked for something recipes may not do (a statement, a huge value, too much work)."""
+
+    def __init__(self, what: str, hint: str = TEMPLATE_LIMITS_HINT) -> None:
+        super().__init__(what)
+        self.hint = hint
+
+
+@dataclass
+class _RecipeWork:
+    used: int = 0
+
+
+class _Work:
+    """The work budget of rendering one value, charged to its recipe's budget too."""
+
+    def __init__(self, recipe_total: _RecipeWork) -> None:
+        self.used = 0
+        self.recipe_total = recipe_total
+
+    def charge(self, units: int) -> None:
+        self.used += units
+        self.recipe_total.used += units
+        if self.used > MAX_TEMPLATE_WORK:
+            raise TemplateRefused(f"the template does too much work (more than {MAX_TEMPLATE_WORK:,} units)")
+        if self.recipe_total.used > MAX_RECIPE_TEMPLATE_WORK:
+            raise TemplateRefused(f"the recipe's templates together do too much work (more than "
+                                  f"{MAX_RECIPE_TEMPLATE_WORK:,} units)")
+
+
+_work: contextvars.ContextVar[_Work | None] = contextvars.ContextVar("wasmforge_template_work", default=None)
+
+
+def _charge(units: int) -> None:
+    work = _work.get()
+    if work is not None:
+        work.charge(units)
+
+
+def _size(value: Any, limit: int = MAX_TEMPLATE_VALUE) -> int:
+    """How big a value is, deeply: characters of strings, digits of numbers, one per item of lists
+    and mappings. Counted only until past `limit` (a list may hold one big string many times)."""
+    kind = type(value)
+    if kind is str:
+        return len(value)
+    total = 0
+    stack = [value]
+    while stack and total <= limit:
+        v = stack.pop()
+        kind = type(v)
+        if kind is str:
+            total += len(v)
+        elif kind is int:
+            total += v.bit_length() // 3 + 1
+        elif kind is list or kind is tuple:
+            total += 1 + len(v)
+            if total > limit:
+                break
+            kinds = set(map(type, v)) if len(v) > 16 else None  # long lists of strings or numbers: at C speed
+            if kinds is not None and kinds <= {str}:
+                total += sum(map(len, v))
+            elif kinds is not None and kinds <= {int}:
+                total += sum(map(int.bit_length, v)) // 3 + len(v)
+            else:
+                stack.extend(v)
+        elif isinstance(v, str | bytes):
+            total += len(v)
+        elif isinstance(v, bool) or v is None:
+            total += 1
+        elif isinstance(v, int):
+            total += v.bit_length() // 3 + 1
+        elif isinstance(v, float):
+            total += 24
+        elif isinstance(v, list | tuple | dict):
+            total += 1 + len(v)
+            if total <= limit:
+                stack.extend(v.items() if isinstance(v, dict) else v)
+        else:
+            total += 1  # a method, a view of a mapping, an undefined value
+    return total
+
+
+def _refuse_over(name: str, estimate: int) -> None:
+    if estimate > MAX_TEMPLATE_VALUE:
+        raise TemplateRefused(f"{name}: value too large (about {estimate:,} characters or items, at most "
+                              f"{MAX_TEMPLATE_VALUE:,})")
+
+
+def _units(value: Any, size: int) -> int:
+    # A string is copied or searched at memory speed; items of lists are handled one by one.
+    return size if type(value) is str else _PER_ITEM * size
+
+
+def _bounded(name: str, value: Any) -> Any:
+    """What an operation made, counted and refused when too large."""
+    size = _size(value)
+    if size > MAX_TEMPLATE_VALUE:
+        raise TemplateRefused(f"{name}: value too large (more than {MAX_TEMPLATE_VALUE:,} characters or items)")
+    _charge(_PER_OPERATION + _units(value, size))
+    return value
+
+
+def _check_arguments(name: str, *values: Any) -> None:
+    """Before a filter, test or method runs: its inputs are not huge, and its whole-number arguments (not
+    the value it applies to, the first) are at most MAX_TEMPLATE_INT, and counted as work."""
+    units, size = _PER_OPERATION, 0
+    for i, v in enumerate(values):
+        if i and isinstance(v, int) and not isinstance(v, bool):
+            if abs(v) > MAX_TEMPLATE_INT:
+                raise TemplateRefused(f"{name}: the number {v if v.bit_length() < 64 else 'given'} is too large "
+                                      f"(at most {MAX_TEMPLATE_INT:,})")
+            units += abs(v)  # a width or count: what it makes
+        one = _size(v, MAX_TEMPLATE_VALUE - size)
+        size += one
+        units += _units(v, one)
+        if size > MAX_TEMPLATE_VALUE:
+            break
+    _refuse_over(name, size)
+    _charge(units)
+
+
+_PERCENT = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?[hlL]?(.?)", re.DOTALL)
+
+
+def _check_percent(name: str, fmt: str, args: Any) -> None:
+    """`fmt % args` (and |format): refused when the widths, precisions and values it would print add up
+    to more than MAX_TEMPLATE_VALUE (a mapping's value can be printed by every directive)."""
+    items = list(args.values()) if isinstance(args, dict) else list(args) if isinstance(args, tuple) else [args]
+    largest = max((_size(v) for v in items), default=0)
+    stars = max((abs(v) for v in items if isinstance(v, int)), default=0)
+    estimate = len(fmt)
+    for match in _PERCENT.finditer(fmt):
+        width, precision, conversion = match.groups()
+        if conversion == "%":
+            continue
+        for number in (width, precision):
+            if number == "*":
+                estimate += stars
+            elif number:
+                if len(number) > 7 or int(number) > MAX_TEMPLATE_INT:
+                    raise TemplateRefused(f"{name}: the width {number[:20]} is too large (at most "
+                                          f"{MAX_TEMPLATE_INT:,})")
+                estimate += int(number)
+        estimate += 400 + largest * (6 if conversion in ("r", "a") else 1)  # 400: digits of a float
+        if estimate > MAX_TEMPLATE_VALUE:
+            break
+    _refuse_over(name, estimate)
+
+
+def _check_replace(name: str, s: Any, old: Any, new: Any, count: Any = None) -> None:
+    # The filter makes strings of whatever it is given; the method refuses what is not a string.
+    s, old, new = (v if isinstance(v, str) else str(v) for v in (s, old, new))
+    found = len(s) + 1 if not old else s.count(old)
+    if isinstance(count, int) and count >= 0:
+        found = min(found, count)
+    _refuse_over(name, len(s) + found * max(len(new) - len(old), 0))
+
+
+def _check_join(name: str, separator: Any, items: list[Any]) -> None:
+    separator = separator if isinstance(separator, str) else str(separator)
+    estimate = len(separator) * max(len(items) - 1, 0)
+    for item in items:
+        if estimate > MAX_TEMPLATE_VALUE:
+            break
+        estimate += _size(item)
+    _refuse_over(name, estimate)
+
+
+# The filters a recipe can use (Jinja2's, but random, slice, wordwrap, urlize, tojson, xmlattr, pprint,
+# striptags and forceescape), some with a check of their arguments when what they make could grow
+# faster than what they are given. Filters that return iterators return lists: each step is counted.
+Arguments = tuple[tuple[Any, ...], dict[str, Any]]
+
+
+def _filter_join(value: Any, d: Any = "", attribute: Any = None) -> Arguments:
+    items = list(value)
+    _check_join("join", d, items)
+    return (items, d, attribute), {}
+
+
+def _filter_replace(s: Any, old: Any, new: Any, count: Any = None) -> Arguments:
+    _check_replace("replace", s, old, new, count)
+    return (s, old, new, count), {}
+
+
+def _filter_indent(s: Any, width: Any = 4, first: Any = False, blank: Any = False) -> Arguments:
+    text = s if isinstance(s, str) else str(s)
+    step = len(width) if isinstance(width, str) else width if isinstance(width, int) else 0
+    _refuse_over("indent", len(text) + (text.count("\n") + 1) * step)
+    return (s, width, first, blank), {}
+
+
+def _filter_format(value: Any, *args: Any, **kwargs: Any) -> Arguments:
+    _check_percent("format", value if isinstance(value, str) else str(value), kwargs or args)
+    return (value, *args), kwargs
+
+
+def _filter_by_words(cost: int) -> Callable[..., Arguments]:
+    # title and wordcount work word by word in Python: a character costs more than a copy.
+    def check(s: Any, *args: Any, **kwargs: Any) -> Arguments:
+        _charge(cost * _size(s))
+        return (s, *args), kwargs
+    return check
+
+
+def _filter_sum(iterable: Any, attribute: Any = None, start: Any = 0) -> Arguments:
+    # Numbers only: adding up lists or strings takes time that grows with the square of their number.
+    if not isinstance(start, int | float):
+        raise TemplateRefused("sum: only numbers can be added up")
+    return (iterable, attribute, start), {}
+
+
+_FILTER_CHECKS: dict[str, Callable[..., Arguments] | None] = {
+    **dict.fromkeys(["abs", "attr", "batch", "capitalize", "center", "count", "d", "default", "dictsort", "e",
+                     "escape", "filesizeformat", "first", "float", "groupby", "int", "items", "last", "length",
+                     "list", "lower", "map", "max", "min", "reject", "rejectattr", "reverse", "round", "safe",
+                     "select", "selectattr", "sort", "string", "trim", "truncate", "unique", "upper",
+                     "urlencode"]),
+    "format": _filter_format, "indent": _filter_indent, "join": _filter_join, "replace": _filter_replace,
+    "sum": _filter_sum, "title": _filter_by_words(32), "wordcount": _filter_by_words(16),
+}
+
+
+def _checked_filter(name: str, func: Callable[..., Any], check: Callable[..., Arguments] | None,
+                    result_bounded: bool = True) -> Callable[..., Any]:
+    """`func` (a filter or test) behind the checks of every call and its own `check`. The wrapper takes
+    the context, which also keeps Jinja2 from running it while compiling (folding constants), where its
+    result could be joined to others unchecked."""
+    passes = getattr(getattr(func, "jinja_pass_arg", None), "name", None)
+
+    def wrapper(context: jinja2.runtime.Context, value: Any, *args: Any, **kwargs: Any) -> Any:
+        _check_arguments(name, value, *args, *kwargs.values())
+        if check is not None:
+            (value, *args), kwargs = check(value, *args, **kwargs)
+        lead = {"context": (context,), "eval_context": (context.eval_ctx,),
+                "environment": (context.environment,)}.get(passes or "", ())
+        result = func(*lead, value, *args, **kwargs)
+        if not result_bounded:
+            return result
+        if isinstance(result, Iterator):
+            result = list(result)
+        return _bounded(name, result)
+    return jinja2.pass_context(functools.wraps(func)(wrapper))
+
+
+# Methods a template may call, by the type of the object: those of strings that make values no larger
+# than their inputs or their number arguments, and replace and join, checked first (str.format is not
+# one: its fields could read attributes, and its widths make huge strings).
+_PLAIN_STR_METHODS = frozenset([
+    "capitalize", "casefold", "count", "endswith", "find", "index", "isalnum", "isalpha", "isascii",
+    "isdecimal", "isdigit", "isidentifier", "islower", "isnumeric", "isprintable", "isspace", "istitle",
+    "isupper", "lower", "lstrip", "partition", "removeprefix", "removesuffix", "rfind", "rindex",
+    "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith", "strip", "swapcase", "title",
+    "upper", "center", "ljust", "rjust", "zfill",
+])
+
+
+def _method_check(owner: Any, name: str) -> Callable[..., Arguments] | None | bool:
+    """The check of a method a template may call (None: the checks of every call suffice), or False."""
+    if isinstance(owner, str):
+        if name in _PLAIN_STR_METHODS:
+            return None
+        if name == "replace":
+            def replace(old: Any, new: Any, count: Any = -1) -> Arguments:
+                _check_replace("str.replace", owner, old, new, count)
+                return (old, new, count), {}
+            return replace
+        if name == "join":
+            def join(iterable: Any) -> Arguments:
+                items = list(iterable)
+                _check_join("str.join", owner, items)
+                return (items,), {}
+            return join
+        return False
+    if isinstance(owner, list | tuple):
+        return None if name in ("count", "index") else False
+    if isinstance(owner, dict):
+        return None if name in ("get", "items", "keys", "values") else False
+    return False
+
+
+class _Codegen(jinja2.compiler.CodeGenerator):
+    def visit_Concat(self, node: jinja2.nodes.Concat, frame: jinja2.compiler.Frame) -> None:
+        # `a ~ b ~ ...` through the environment, which checks the size first.
+        self.write("environment.recipe_concat((")
+        for arg in node.nodes:
+            self.visit(arg, frame)
+            self.write(", ")
+        self.write("))")
 
 
 class _RecipeTemplates(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset(["*", "**"])
+    code_generator_class = _Codegen
+    intercepted_binops = frozenset(["*", "**", "%", "+"])
 
     def call_binop(self, context, operator, left, right):  # type: ignore[no-untyped-def,override]
-        if operator == "**" and isinstance(right, int | float) and abs(right) > 64:
-            raise jinja2.sandbox.SecurityError("exponent too large in a recipe template")
-        if operator == "*":
-            for seq, count in ((left, right), (right, left)):
-                if isinstance(seq, str | list | tuple) and isinstance(count, int) and \
-                        len(seq) * count > MAX_TEMPLATE_VALUE:
-                    raise jinja2.sandbox.SecurityError("value too large in a recipe template")
-        return super().call_binop(context, operator, left, right)
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and right > 0 and abs(left) > 1:
+            if (abs(left).bit_length() - 1) * right >= MAX_TEMPLATE_BITS:
+                raise TemplateRefused(f"exponent too large (the result would have more than "
+                                      f"{MAX_TEMPLATE_BITS} bits)")
+        elif operator == "*":
+            if isinstance(left, int) and isinstance(right, int):
+                if left.bit_length() + right.bit_length() > MAX_TEMPLATE_BITS:
+                    raise TemplateRefused(f"number too large (more than {MAX_TEMPLATE_BITS} bits)")
+            else:
+                for seq, count in ((left, right), (right, left)):
+                    if isinstance(seq, str | list | tuple) and isinstance(count, int) and count > 0:
+                        _refuse_over("*", _size(seq) * count)
+        elif operator == "%" and isinstance(left, str):
+            _check_percent("%", left, right)
+        elif operator == "+" and not (isinstance(left, int | float) and isinstance(right, int | float)):
+            _refuse_over("+", _size(left) + _size(right))
+        return _bounded(operator, super().call_binop(context, operator, left, right))
+
+    def recipe_concat(self, parts: tuple[Any, ...]) -> str:
+        _refuse_over("~", sum(_size(p) for p in parts))
+        return _bounded("~", jinja2.runtime.str_join(parts))  # type: ignore[no-any-return]
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        if isinstance(argument, slice):
+            return _bounded("[:]", super().getitem(obj, argument))
+        _charge(_PER_OPERATION)
+        return super().getitem(obj, argument)
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _charge(_PER_OPERATION)
+        return super().getattr(obj, attribute)
+
+    def is_safe_attribute(self, obj: Any, attr: str, value: Any) -> bool:
+        return False  # only the methods that wrap_str_format lets through
+
+    def wrap_str_format(self, value: Any) -> Callable[..., Any] | None:
+        # Jinja2's hook for every attribute a template reads (meant for str.format): a method of the
+        # lists above comes back wrapped in its checks; anything else is refused (is_safe_attribute).
+        owner, name = getattr(value, "__self__", None), getattr(value, "__name__", None)
+        if not isinstance(value, types.BuiltinMethodType | types.MethodType) or not isinstance(name, str):
+            return None
+        check = _method_check(owner, name)
+        if check is False:
+            return None
+        label = f"{type(owner).__name__}.{name}"
+
+        def method(*args: Any, **kwargs: Any) -> Any:
+            _check_arguments(label, owner, *args, *kwargs.values())
+            if callable(check):
+                args, kwargs = check(*args, **kwargs)
+            return _bounded(label, value(*args, **kwargs))
+        method.recipe_checked = True  # type: ignore[attr-defined]
+        return method
+
+    def call(self, context, obj, /, *args, **kwargs):  # type: ignore[no-untyped-def,override]
+        if getattr(obj, "recipe_checked", False) or isinstance(obj, jinja2.Undefined):
+            return obj(*args, **kwargs)
+        raise jinja2.sandbox.SecurityError(f"{type(obj).__name__} objects cannot be called in recipe templates")
+
+
+def _finalize(value: Any) -> Any:
+    return _bounded("${{ }}", value)  # what `${{ ... }}` prints: bounded before it is made a string
 
 
 _jinja = _RecipeTemplates(
@@ -57,8 +432,51 @@ _jinja = _RecipeTemplates(
     undefined=jinja2.StrictUndefined,
     autoescape=False,
     keep_trailing_newline=True,
+    finalize=_finalize,
+    # No folding of constants while compiling: everything runs, checked, when the value is rendered.
+    optimized=False,
 )
 _jinja.globals.clear()
+_jinja.filters = {name: _checked_filter(name, _jinja.filters[name], check) for name, check in _FILTER_CHECKS.items()}
+_jinja.tests = {name: _checked_filter(f"is {name}", test, None, result_bounded=False)
+                for name, test in _jinja.tests.items()}
+assert _jinja.line_statement_prefix is None and _jinja.line_comment_prefix is None
+
+# What the lexer finds at the start of a statement or comment: refused, whatever follows.
+_STATEMENT_TOKENS = {jinja2.lexer.TOKEN_BLOCK_BEGIN: "'{%' statements", jinja2.lexer.TOKEN_RAW_BEGIN: "'{%' statements",
+                     jinja2.lexer.TOKEN_COMMENT_BEGIN: "'{#' comments",
+                     jinja2.lexer.TOKEN_LINESTATEMENT_BEGIN: "line statements",
+                     jinja2.lexer.TOKEN_LINECOMMENT_BEGIN: "line comments"}
+
+
+@functools.lru_cache(maxsize=256)
+def _template(source: str) -> jinja2.Template:
+    """A templated value compiled (once: aliases and versions render the same ones again), refused
+    if it holds a statement or comment, or is too long to compile quickly."""
+    tokens = 0
+    for lineno, token, _ in _jinja.lex(source):
+        if token in _STATEMENT_TOKENS:
+            raise TemplateRefused(
+                f"{_STATEMENT_TOKENS[token]} are not allowed in recipe templates (line {lineno} of the value)",
+                hint="a recipe value holds text and ${{ expressions }} only; write a literal '{%' or '{#' as "
+                     "${{ '{%' }} or ${{ '{#' }}")
+        tokens += token != jinja2.lexer.TOKEN_WHITESPACE
+        if tokens > MAX_TEMPLATE_TOKENS:
+            raise TemplateRefused(f"the template is too long (more than {MAX_TEMPLATE_TOKENS:,} tokens)")
+    _charge(_PER_TOKEN * tokens + len(source))
+    return _jinja.from_string(source)
+
+
+def _render(template: jinja2.Template, context: Mapping[str, Any]) -> str:
+    pieces: list[str] = []
+    size = 0
+    for piece in template.generate(**context):
+        size += len(piece)
+        _charge(len(piece))
+        if size > MAX_TEMPLATE_VALUE:
+            raise TemplateRefused(f"the value renders to more than {MAX_TEMPLATE_VALUE:,} characters")
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 # ----------------------------------------------------------------------------- typed recipe parts
@@ -211,6 +629,8 @@ class Recipe:
     tests: tuple[Mapping[str, Any], ...]
     native: Mapping[str, Any]
     doc: SpannedDoc = field(repr=False, compare=False)
+    # What its templates have done since the last resolve() (bounded: MAX_RECIPE_TEMPLATE_WORK).
+    template_work: _RecipeWork = field(default_factory=_RecipeWork, init=False, repr=False, compare=False)
 
     @property
     def default_version(self) -> str:
@@ -235,10 +655,17 @@ class Recipe:
         if isinstance(value, str):
             if "${{" not in value and "{%" not in value:
                 return value
+            work = _work.set(_Work(self.template_work))
             try:
+                if len(value) > MAX_TEMPLATE_SOURCE:
+                    raise TemplateRefused(f"the templated value is too long ({len(value):,} characters, at most "
+                                          f"{MAX_TEMPLATE_SOURCE:,})")
                 # Jinja turns every line ending into "\n"; keep carriage returns the recipe wrote.
-                rendered = _jinja.from_string(value.replace("\r", CR_PLACEHOLDER)).render(**context)
-                return rendered.replace(CR_PLACEHOLDER, "\r")
+                source = value.replace("\r", CR_PLACEHOLDER)
+                _charge(len(source))
+                return _render(_template(source), context).replace(CR_PLACEHOLDER, "\r")
+            except TemplateRefused as exc:
+                raise self.doc.error(path, f"template refused: {exc}", hint=exc.hint) from None
             except jinja2.UndefinedError as exc:
                 names = ", ".join(sorted(context))
                 raise self.doc.error(path, f"template error: {exc.message}",
@@ -246,13 +673,16 @@ class Recipe:
             except jinja2.TemplateSyntaxError as exc:
                 raise self.doc.error(path, f"template syntax error: {exc.message}") from None
             except jinja2.sandbox.SecurityError as exc:
-                raise self.doc.error(path, f"template refused: {exc}",
-                                     hint="recipe templates see only the recipe's variables") from None
+                raise self.doc.error(path, f"template refused: {exc}", hint=TEMPLATE_SANDBOX_HINT) from None
             except jinja2.TemplateError as exc:
                 raise self.doc.error(path, f"template error: {exc}") from None
-            except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, RecursionError,
-                    MemoryError) as exc:
+            except (RecursionError, SyntaxError):  # Python's limits, met compiling or running a template
+                raise self.doc.error(path, "template refused: the expression nests too deeply",
+                                     hint=TEMPLATE_LIMITS_HINT) from None
+            except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, MemoryError) as exc:
                 raise self.doc.error(path, f"template error: {type(exc).__name__}: {exc}") from None
+            finally:
+                _work.reset(work)
         if isinstance(value, list):
             return [self.render_value(v, context, path + (i,)) for i, v in enumerate(value)]
         if isinstance(value, dict):
@@ -260,6 +690,9 @@ class Recipe:
         return value
 
     def resolve(self, version: str | None = None, flavor: str | None = None, native: bool = False) -> Package:
+        # The recipe's template budget is per resolution (and the renders of its build that follow), so a
+        # long-lived process that resolves it again and again never runs out.
+        self.template_work.used = 0
         version = version or self.default_version
         if version not in self.versions:
             known = ", ".join(self.versions)
@@ -420,6 +853,12 @@ def _is_positive(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
     _is_number(doc, path, value)
     if not 0 < value < float("inf"):
         raise doc.error(path, f"must be a positive number, not {value!r}")
+
+
+def _is_timeout(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    _is_positive(doc, path, value)
+    if value > MAX_SECONDS:
+        raise doc.error(path, f"must be at most {MAX_SECONDS:g} seconds, not {value!r}")
 
 
 def _is_positive_int(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
@@ -660,7 +1099,7 @@ def _test_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
 _test_check = _record(
     {**_step_fields, "name": _is_str, "steps": _list_of(_record(_step_fields, required=("run",))),
      "dirs": _map_of(_is_str), "env": _map_of(_is_scalar_arg), "scratch": _map_of(_is_str),
-     "files": _map_of(_expect_check), "timeout": _is_positive, "flavors": _list_of(_is_str)},
+     "files": _map_of(_expect_check), "timeout": _is_timeout, "flavors": _list_of(_is_str)},
     rule=_test_rule,
 )
 
@@ -693,6 +1132,10 @@ _recipe_check = _record(
 
 
 def load_recipe(file: Path) -> Recipe:
+    if file.is_symlink() and not file.resolve().is_relative_to(file.parent.resolve()):
+        # A recipe is read and quoted in messages: a link must not make it another file of the machine.
+        raise RecipeError(f"{file.name} is a link to {file.resolve()}, outside {file.parent}",
+                          where=str(file), hint="recipes are files of the recipes directory; copy it there")
     doc = load_spanned(file)
     _recipe_check(doc, (), doc.data)
     data = doc.data

@@ -55,19 +55,29 @@ class SpannedDoc:
 # command that reads recipes about 0.1 s per recipe.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
-# Limits for an untrusted recipe: nesting deeper than any real recipe, and a budget of values that
-# aliases cannot multiply past (a "billion laughs" document would otherwise hang every command).
+# Limits for an untrusted recipe: nesting deeper than any real recipe, and budgets that aliases cannot
+# multiply a document past (a "billion laughs" document, or one long string aliased thousands of times,
+# would otherwise hang every command that reads recipes): values, and characters of text (keys and
+# scalars, counted again at every use of an alias). The largest real recipe (php) has 334 values and
+# 6,439 characters.
 MAX_DEPTH = 40
 MAX_VALUES = 100_000
+MAX_TEXT = 1 << 20
+# And the file itself (comments included), read no further.
+MAX_FILE_BYTES = 4 << 20
 # The tags of plain YAML data; anything else (!!python/..., !custom, !!binary, !!timestamp) is refused.
 _PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map")}
 
 
 def load_spanned(file: Path) -> SpannedDoc:
     try:
-        raw = file.read_bytes()
+        with file.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise RecipeError(f"cannot read recipe: {exc.strerror}", where=str(file)) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise RecipeError(f"the recipe file is larger than {MAX_FILE_BYTES:,} bytes", where=f"{file}:1",
+                          hint="recipes are short YAML files (the largest real one has under 10,000 bytes)")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -113,26 +123,39 @@ def _check_depth(file: Path, text: str) -> None:
         raise RecipeError(f"YAML error: {exc}", where=f"{file}:1") from None
 
 
-_constructor = yaml.SafeLoader("")
-
-
 class _Converter:
-    """Nodes to plain values, counting every value made (aliases included) against MAX_VALUES."""
+    """Nodes to plain values, counting every value made and every character of text (aliases included,
+    at each use) against MAX_VALUES and MAX_TEXT."""
 
     def __init__(self, doc: SpannedDoc) -> None:
         self.doc = doc
         self.values = 0
+        self.text = 0
+        # Its own constructor: PyYAML's remembers every node it has constructed.
+        self.constructor = yaml.constructor.SafeConstructor()
 
     def where(self, node: yaml.Node) -> str:
         return f"{self.doc.file}:{node.start_mark.line + 1}"
 
-    def convert(self, node: yaml.Node, path: KeyPath, depth: int) -> Any:
-        doc = self.doc
+    def count(self, node: yaml.Node, path: KeyPath) -> None:
         self.values += 1
-        if self.values > MAX_VALUES or depth > MAX_DEPTH:
-            raise RecipeError(f"{format_path(path)}: the document expands to more than {MAX_VALUES} values "
+        if isinstance(node, yaml.ScalarNode):
+            self.text += len(node.value)
+        if self.values > MAX_VALUES:
+            raise RecipeError(f"{format_path(path)}: the document expands to more than {MAX_VALUES:,} values "
                               "(through aliases?)", where=self.where(node),
                               hint="recipes do not need YAML aliases; write the values out")
+        if self.text > MAX_TEXT:
+            raise RecipeError(f"{format_path(path)}: the document expands to more than {MAX_TEXT:,} characters "
+                              "of text (through aliases?)", where=self.where(node),
+                              hint="recipes do not need YAML aliases, nor long texts; write the values out")
+
+    def convert(self, node: yaml.Node, path: KeyPath, depth: int) -> Any:
+        doc = self.doc
+        self.count(node, path)
+        if depth > MAX_DEPTH:
+            raise RecipeError(f"{format_path(path)}: the YAML nests deeper than {MAX_DEPTH} levels (through aliases?)",
+                              where=self.where(node))
         if node.tag not in _PLAIN_TAGS:
             raise RecipeError(f"{format_path(path)}: unsupported YAML tag {node.tag!r}", where=self.where(node),
                               hint='quote dates: "2022-11-03"' if node.tag.endswith(":timestamp") else
@@ -143,6 +166,7 @@ class _Converter:
             for key_node, value_node in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.tag not in _PLAIN_TAGS:
                     raise RecipeError("mapping keys must be plain strings", where=self.where(key_node))
+                self.text += len(key_node.value)
                 key = self.scalar(key_node, path)
                 if not isinstance(key, str):
                     raise RecipeError(
@@ -159,6 +183,6 @@ class _Converter:
 
     def scalar(self, node: yaml.Node, path: KeyPath) -> Any:
         try:
-            return _constructor.construct_object(node)
+            return self.constructor.construct_object(node)
         except (yaml.YAMLError, ValueError, OverflowError) as exc:
             raise RecipeError(f"{format_path(path)}: cannot read this value ({exc})", where=self.where(node)) from None
