@@ -7,12 +7,16 @@ each member's final place is decided against what is already on disk in our priv
 - a member's parent directories are resolved by following the links already extracted, one component
   at a time (readlink, never realpath, so a path too long to resolve is refused, not cut short), and
   the result must stay inside the tree; files are created with O_EXCL|O_NOFOLLOW in that directory;
-- after every symbolic link is created, every link extracted so far is resolved again, so a later
-  link cannot turn an earlier, harmless one into an exit;
+- every symbolic link is resolved when it is created, and again whenever a later link or file is
+  created at a path its resolution looked up and did not find, so a later link cannot turn an earlier,
+  harmless one into an exit (nothing that exists in the tree is ever replaced or removed, so no other
+  member can change where a link leads); all links are resolved once more at the end;
 - a hard link may only copy a regular file that was already extracted inside the tree;
 - a path that is both a file and a directory, or that appears twice, is refused; so are devices and
   FIFOs, absolute names and `..`;
-- the bytes written and the number of members are capped (a recipe can raise the caps).
+- the bytes written and the number of members are capped (a recipe can raise the caps), and so is the
+  work of resolving links again;
+- a modification time that is not a finite number in [0, 2**33) is replaced by 0.
 
 Every failure is one SourceError naming the archive and the member; the staging tree is removed, so a
 refused archive leaves nothing behind.
@@ -27,6 +31,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import unicodedata
 import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -35,6 +40,13 @@ from .errors import SourceError
 
 CHUNK = 1 << 20
 MAX_LINK_HOPS = 40
+# Resolving links again because later members changed them may look at this many components, plus
+# RECHECK_FACTOR times as many as the rest of the extraction looked at (placing members and resolving
+# each link once): real archives need less than once as many; a crafted one (many links each waiting
+# on many later members) is refused instead of taking hours.
+RECHECK_FLOOR = 1_000_000
+RECHECK_FACTOR = 8
+MAX_MTIME = 2 ** 33
 
 
 @dataclass(frozen=True)
@@ -99,6 +111,12 @@ class _Tree:
         self.members = 0
         self.written = 0
         self.links: list[tuple[str, ...]] = []
+        # The paths each link's resolution looked up and did not find, and the reverse index, by _key():
+        # only a link or file created at one of them later can change what resolving that link gives.
+        self.waits_on: list[frozenset[str]] = []
+        self.waiting: dict[str, set[int]] = {}
+        self.steps = 0  # components looked at by _resolve
+        self.recheck_steps = 0
         self.dir_times: list[tuple[Path, float]] = []
 
     def add(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
@@ -111,30 +129,37 @@ class _Tree:
             if member.isdir():
                 return  # "./": the tree itself
             raise _Refused("empty name")
-        parent = self._directory(parts[:-1])
-        final = parent / parts[-1]
+        mtime = _mtime(member.mtime)
+        resolved = self._directory(parts[:-1])
+        final = self.root.joinpath(*resolved, parts[-1])
         if member.isdir():
             if final.is_dir() and not final.is_symlink():
                 return
             self._must_be_new(final)
             final.mkdir(mode=0o755)
-            self.dir_times.append((final, member.mtime))
+            self.dir_times.append((final, mtime))
         elif member.isreg():
             self._must_be_new(final)
             source = tar.extractfile(member)
             if source is None:
                 raise _Refused("has no data")
-            self._write(final, source, member.mode, member.mtime)
+            self._write(final, source, member.mode, mtime)
+            self._created((*resolved, parts[-1]))
         elif member.issym():
             self._must_be_new(final)
             if PurePosixPath(member.linkname).is_absolute() or not member.linkname:
                 raise _Refused(f"link to absolute path {member.linkname!r}")
+            if "\0" in member.linkname:
+                raise _Refused("NUL in its link target")
             os.symlink(member.linkname, final)
-            self.links.append(tuple(final.relative_to(self.root).parts))
-            for link in self.links:  # a new link can change where an older one leads
-                self._check_link(link)
+            self._created((*resolved, parts[-1]))
+            self.links.append((*resolved, parts[-1]))
+            self.waits_on.append(frozenset())
+            self._check_link(len(self.links) - 1)
         elif member.islnk():
             self._must_be_new(final)
+            if "\0" in member.linkname:
+                raise _Refused("NUL in its link target")
             if PurePosixPath(member.linkname).is_absolute():
                 raise _Refused(f"hard link to absolute path {member.linkname!r}")
             target = self._resolve(tuple(member.linkname.split("/")), follow_last=True)
@@ -148,23 +173,38 @@ class _Tree:
             if not stat.S_ISREG(info.st_mode):
                 raise _Refused(f"hard link to {member.linkname!r}, which is not a regular file")
             with open(path, "rb") as source:
-                self._write(final, source, info.st_mode, member.mtime)
+                self._write(final, source, info.st_mode, mtime)
+            self._created((*resolved, parts[-1]))
         else:
             raise _Refused("device, FIFO or other special file")
 
     def finish(self) -> None:
-        for link in self.links:
-            self._check_link(link)
+        for index in range(len(self.links)):  # the tree as it is left, whatever the bookkeeping says
+            self._check_link(index)
         for path, mtime in reversed(self.dir_times):  # files added to a directory change its time
             os.utime(path, (mtime, mtime), follow_symlinks=False)
+
+    def _created(self, path: tuple[str, ...]) -> None:
+        """Resolve again, in the order they were made, the links whose resolution looked up `path` and
+        did not find it: a link created there changes where they lead, a file makes looking beneath it
+        fail. Nothing else can change where a link leads: nothing in the tree is replaced or removed,
+        and a directory made where a path was missing resolves as the missing path did."""
+        for index in sorted(self.waiting.pop(_key(path), ())):
+            before = self.steps
+            self._check_link(index)
+            self.recheck_steps += self.steps - before
+            if self.recheck_steps > RECHECK_FLOOR + RECHECK_FACTOR * (self.steps - self.recheck_steps):
+                raise _Refused(f"its links take too long to check ({self.recheck_steps} steps resolving links "
+                               "again that later members change)")
 
     def _must_be_new(self, path: Path) -> None:
         if os.path.lexists(path):
             kind = "a directory" if path.is_dir() and not path.is_symlink() else "a file or link"
             raise _Refused(f"appears twice in the archive (already extracted as {kind})")
 
-    def _directory(self, parts: tuple[str, ...]) -> Path:
-        """The real directory for `parts`, made as needed, reached only through links inside the tree."""
+    def _directory(self, parts: tuple[str, ...]) -> tuple[str, ...]:
+        """The real directory for `parts` (made as needed, reached only through links inside the tree),
+        as components of a path in the tree that has no link in it."""
         resolved = self._resolve(parts, follow_last=True)
         if resolved is None:
             raise _Refused("its directory leads outside the tree through a link")
@@ -178,15 +218,20 @@ class _Tree:
                     raise _Refused(f"{'/'.join(resolved)} is both a file and a directory") from None
             except NotADirectoryError:
                 raise _Refused(f"{'/'.join(resolved)} is both a file and a directory") from None
-        return path
+        return resolved
 
-    def _resolve(self, parts: tuple[str, ...], *, follow_last: bool) -> tuple[str, ...] | None:
-        """Where `parts` lead inside the tree, following extracted links; None when they leave it."""
+    def _resolve(self, parts: tuple[str, ...], *, follow_last: bool,
+                 missing: set[str] | None = None) -> tuple[str, ...] | None:
+        """Where `parts` lead inside the tree, following extracted links; None when they leave it.
+
+        The paths looked up and not found are added to `missing` (as _key()s)."""
         done: list[str] = []
-        todo = list(parts)
+        todo = list(reversed(parts))  # a stack: the next component last
         hops = 0
+        root = str(self.root)
         while todo:
-            part = todo.pop(0)
+            part = todo.pop()
+            self.steps += 1
             if part in ("", "."):
                 continue
             if part == "..":
@@ -194,11 +239,13 @@ class _Tree:
                     return None
                 done.pop()
                 continue
-            candidate = self.root.joinpath(*done, part)
+            candidate = os.path.join(root, *done, part)
             try:
                 is_link = stat.S_ISLNK(os.lstat(candidate).st_mode)
             except FileNotFoundError:
                 is_link = False
+                if missing is not None:
+                    missing.add(_key((*done, part)))
             except OSError as exc:  # a name too long, a loop: never guess
                 raise _Refused(f"cannot be resolved ({exc.strerror})") from None
             if is_link and (todo or follow_last):
@@ -208,15 +255,27 @@ class _Tree:
                 target = os.readlink(candidate)
                 if target.startswith("/"):
                     return None
-                todo = target.split("/") + todo
+                todo.extend(reversed(target.split("/")))
                 continue
             done.append(part)
         return tuple(done)
 
-    def _check_link(self, link: tuple[str, ...]) -> None:
-        if self._resolve(link, follow_last=True) is None:
+    def _check_link(self, index: int) -> None:
+        """Resolve link number `index`; refuse it if it leads outside, else note what it waits on."""
+        link = self.links[index]
+        missing: set[str] = set()
+        if self._resolve(link, follow_last=True, missing=missing) is None:
             target = os.readlink(self.root.joinpath(*link))
             raise _Refused(f"link {'/'.join(link)} -> {target!r} points outside the tree")
+        for path in self.waits_on[index] - missing:
+            waiters = self.waiting.get(path)
+            if waiters is not None:
+                waiters.discard(index)
+                if not waiters:
+                    del self.waiting[path]
+        for path in missing:
+            self.waiting.setdefault(path, set()).add(index)
+        self.waits_on[index] = frozenset(missing)
 
     def _write(self, path: Path, source, mode: int, mtime: float) -> None:  # type: ignore[no-untyped-def]
         # Owner read/write always; executable bits kept; no setuid, setgid, sticky or group/other write.
@@ -249,6 +308,22 @@ def links_leaving(root: Path) -> list[str]:
                 if not inside:
                     found.append(f"{'/'.join(rel)} -> {os.readlink(path)}")
     return found
+
+
+def _key(parts: tuple[str, ...]) -> str:
+    """A path in the tree as the index of waiting links knows it: "/"-joined, and folded so that two
+    names a case- or normalization-insensitive file system takes for one are one key (only ever more
+    links are resolved again, never fewer)."""
+    return unicodedata.normalize("NFD", "/".join(parts)).casefold()
+
+
+def _mtime(value: object) -> float:
+    """A member's modification time as one the system can set: 0 unless a finite number in [0, 2**33)."""
+    try:
+        mtime = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, OverflowError):
+        return 0
+    return mtime if 0 <= mtime < MAX_MTIME else 0  # NaN fails both comparisons
 
 
 def _parts(name: str) -> tuple[str, ...]:
