@@ -3,6 +3,7 @@ one message, nothing written outside its directory, nothing unverified used or r
 
 from __future__ import annotations
 
+import email.utils
 import gzip
 import hashlib
 import http.server
@@ -18,6 +19,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -412,6 +414,23 @@ def test_server_errors_are_retried_honouring_retry_after(project, http_server, f
     assert any(f"HTTP {status}" in m and "retrying in 1 s" in m for m in messages)
 
 
+def test_retry_after_as_an_http_date_is_honoured(project, http_server, fast_retries):
+    when = email.utils.format_datetime(datetime.now(UTC) + timedelta(seconds=2), usegmt=True)
+
+    def handle(h):
+        if http_server.hits["/x.tar.gz"] == 1:
+            _answer(503, b"busy", {"Retry-After": when})(h)
+        else:
+            _answer(200, TARBALL)(h)
+    http_server.routes["/x.tar.gz"] = handle
+    messages: list[str] = []
+    start = time.monotonic()
+    fetch_sources([SourceSpec(sha256=TARBALL_SHA, url=http_server.url("/x.tar.gz"))], project.config,
+                  log=messages.append)
+    assert time.monotonic() - start >= 0.9  # the date is whole seconds: between 1 and 2 s away
+    assert any("retrying in" in m for m in messages)
+
+
 def test_a_server_that_keeps_failing_is_given_up_on(project, http_server, fast_retries):
     http_server.routes["/x.tar.gz"] = _answer(503, b"down")
     with pytest.raises(SourceError) as info:
@@ -571,6 +590,20 @@ def test_a_closed_stdin_reads_as_empty_not_as_a_file_we_opened(precompiled, laun
     result = subprocess.run(["bash", "-c", 'exec "$@" <&-', "bash", *command], capture_output=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout == b""
+
+
+@pytest.mark.parametrize("how", ["python", "launcher"])
+@pytest.mark.parametrize("closed", ["1", "2"])
+def test_a_closed_stdout_or_stderr_is_not_a_file_we_opened(precompiled, launcher, how, closed):
+    # The module writes to the closed descriptor: it must go nowhere (not into a .cwasm or key file we
+    # opened on that number), and the run ends normally.
+    command = [sys.executable, "-m", "wasmforge.run", str(precompiled), "--", "cat"] if how == "python" \
+        else [str(launcher), str(precompiled), "cat"]
+    before = {p: p.read_bytes() for p in precompiled.parent.iterdir()}
+    result = subprocess.run(["bash", "-c", f'exec "$@" {closed}>&-', "bash", *command], input=b"written\n",
+                            capture_output=True, cwd=ROOT)
+    assert result.returncode == 0
+    assert {p: p.read_bytes() for p in precompiled.parent.iterdir()} == before
 
 
 @pytest.mark.parametrize("how", ["python", "launcher"])
