@@ -380,9 +380,11 @@ def publish(ctx, target, registry, flavor=None, tag=None, insecure=False, force=
             sign_key=None):
     """Push a finished build's images, wasm artifacts, SBOMs, provenance and release files to an OCI registry."""
     from wasmforge.oci import publish as push
-    from wasmforge.registry import Registry, Repository
+    from wasmforge.registry import Registry, Repository, check_tag
+    repo = Repository.parse(registry, insecure=insecure)  # a bad address is refused before any work
+    if tag:
+        check_tag(tag)
     images, release = _images(target, flavor, sign_key)
-    repo = Repository.parse(registry, insecure=insecure)
     main = next(iter(release.programs))
     version = release.main.version + (f"-{release.main.flavor}" if release.main.flavor else "")
     client = Registry(repo, log=log)

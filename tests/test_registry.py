@@ -280,10 +280,15 @@ def test_the_php_image_runs_after_a_round_trip_through_the_registry(php, registr
     assert (run.exit_code, run.stdout) == (0, b"42")
 
 
-def test_a_bad_registry_address_is_one_message():
-    result = _invoke("publish", LUA, "--registry", "127.0.0.1:5000/Not_Lower", env=_env(Config.from_env()))
+def test_a_bad_registry_address_or_tag_is_one_message_before_any_work(tmp_path):
+    # An empty store: the address and the tag are refused before the build is even looked for.
+    env = {**_env(Config.from_env()), "WASMFORGE_STORE": str(tmp_path / "empty")}
+    result = _invoke("publish", LUA, "--registry", "127.0.0.1:5000/Not_Lower", env=env)
     assert result.returncode == 1
     assert "is not a registry repository" in result.stderr and "Traceback" not in result.stderr
+    result = _invoke("publish", LUA, "--registry", "127.0.0.1:5000/ok", "--tag", "-bad:tag", env=env)
+    assert result.returncode == 1
+    assert "is not a valid tag" in result.stderr and "Traceback" not in result.stderr
 
 
 @pytest.mark.integration
