@@ -20,6 +20,7 @@
  * Closed standard descriptors are given /dev/null first, so no file we open becomes the program's
  * stdin; a module blocked in a host call (reading stdin) past --timeout ends the process.
  */
+#define _GNU_SOURCE  /* memrchr */
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -239,17 +240,8 @@ static bool json_hex(const char *text, const char *after, const char *field, cha
     return value[64] == '"';
 }
 
-static char *text_file(const char *path) {
-    size_t size = 0;
-    uint8_t *data = read_file(path, &size);
-    if (!data) return NULL;
-    char *text = realloc(data, size + 1);
-    if (!text) { free(data); return NULL; }
-    text[size] = '\0';
-    return text;
-}
-
-static char *text_file_sized(const char *path, size_t *size) {
+/* A file's bytes with a NUL after them (`size`: their number). */
+static char *text_file(const char *path, size_t *size) {
     uint8_t *data = read_file(path, size);
     if (!data) return NULL;
     char *text = realloc(data, *size + 1);
@@ -258,23 +250,24 @@ static char *text_file_sized(const char *path, size_t *size) {
     return text;
 }
 
-/* The artifact store entry the resolved `path` lies in (a directory named by a 64-hex key inside one
- * named by its first two characters), or NULL. */
-static char *entry_of(const char *path) {
+/* The resolved `path`, with *entry_len set to the length of its prefix that is an artifact store entry
+ * (a directory named by a 64-hex key inside one named by its first two characters), or 0. */
+static char *resolve_in_entry(const char *path, size_t *entry_len) {
+    *entry_len = 0;
     char *real = realpath(path, NULL);
     if (!real) return NULL;
-    for (char *end = strrchr(real, '/'); end && end > real; end = strrchr(real, '/')) {
-        *end = '\0';
-        char *name = strrchr(real, '/');
+    for (char *end = strrchr(real, '/'); end && end > real; end = memrchr(real, '/', (size_t)(end - real))) {
+        char *name = memrchr(real, '/', (size_t)(end - real));
         if (!name) break;
         name++;
-        bool key = strlen(name) == 64;
+        bool key = end - name == 64;
         for (int k = 0; key && k < 64; k++) key = (name[k] >= '0' && name[k] <= '9') || (name[k] >= 'a' && name[k] <= 'f');
-        if (key && name - real >= 4 && name[-1] == '/' && name[-4] == '/' && strncmp(name - 3, name, 2) == 0)
-            return real;
+        if (key && name - real >= 4 && name[-1] == '/' && name[-4] == '/' && strncmp(name - 3, name, 2) == 0) {
+            *entry_len = (size_t)(end - real);
+            break;
+        }
     }
-    free(real);
-    return NULL;
+    return real;
 }
 
 /* Whether the manifest's outputs (from its top-level `"outputs": {` on) list `rel` with this sha256. */
@@ -314,8 +307,8 @@ static void fail(const char *what, wasmtime_error_t *error, wasm_trap_t *trap) {
 static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
     bool debug = getenv("WASMFORGE_RUN_DEBUG") != NULL;
     size_t n = strlen(wasm);
-    char *cwasm = malloc(n + 2), *key_path = malloc(n + 8), *manifest = malloc(n + 32);
-    if (!cwasm || !key_path || !manifest) exit(1);
+    char *cwasm = malloc(n + 2), *key_path = malloc(n + 8);
+    if (!cwasm || !key_path) exit(1);
     memcpy(cwasm, wasm, n + 1);
     if (n > 5 && strcmp(wasm + n - 5, ".wasm") == 0) strcpy(cwasm + n - 5, ".cwasm");
     snprintf(key_path, n + 8, "%s.json", cwasm);
@@ -330,16 +323,17 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
 
     /* In a store entry (STORE/kk/KEY/..., found by the shape of the resolved path, so a deleted
      * manifest.json does not hide it) the module must be one the manifest lists, with its sha256. */
-    char *entry = entry_of(wasm);
-    char *outputs = NULL, *manifest_text = NULL, rel_cwasm[4096] = "", rel_key[4200] = "";
-    if (entry) {
-        free(manifest);
-        manifest = malloc(strlen(entry) + 16);
-        sprintf(manifest, "%s/manifest.json", entry);
-        manifest_text = text_file(manifest);
+    size_t entry_len = 0;
+    char *real = resolve_in_entry(wasm, &entry_len);
+    char *entry = NULL, *outputs = NULL, *manifest_text = NULL, rel_cwasm[4096] = "", rel_key[4200] = "";
+    if (entry_len) {
+        entry = strndup(real, entry_len);
+        char manifest[4200];
+        size_t manifest_size = 0;
+        snprintf(manifest, sizeof manifest, "%s/manifest.json", entry);
+        manifest_text = text_file(manifest, &manifest_size);
         outputs = manifest_text ? strstr(manifest_text, "\n  \"outputs\": {") : NULL;  /* the top-level key */
-        char *real = realpath(wasm, NULL);
-        const char *rel = real ? real + strlen(entry) + 1 : "";
+        const char *rel = real + entry_len + 1;
         if (!outputs || !listed_with(outputs, rel, wasm_sha)) {
             fprintf(stderr, "wasmforge-run: %s belongs to a damaged artifact store entry (%s): %s; nothing was run "
                             "(rebuild it with invoke build)\n", wasm, entry,
@@ -349,12 +343,12 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
         }
         snprintf(rel_cwasm, sizeof rel_cwasm, "%.*s.cwasm", (int)strlen(rel) - 5, rel);
         snprintf(rel_key, sizeof rel_key, "%s.json", rel_cwasm);
-        free(real);
     }
+    free(real);
 
     wasmtime_module_t *module = NULL;
     size_t key_size = 0;
-    char *key = text_file_sized(key_path, &key_size);
+    char *key = text_file(key_path, &key_size);
     char cwasm_sha[65], key_sha[65];
     int code_fd = -1;
     size_t code_size = 0;
@@ -378,25 +372,23 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
              * which a file renamed into place cannot change. */
             char own[64];
             snprintf(own, sizeof own, "/proc/self/fd/%d", code_fd);
-            {
-                wasm_config_t *config = wasm_config_new();
-                wasmtime_config_wasm_exceptions_set(config, exceptions);
-                wasmtime_config_epoch_interruption_set(config, true);
-                wasm_engine_t *engine = wasm_engine_new_with_config(config);
-                wasmtime_error_t *error = code ? wasmtime_module_deserialize(engine, code, code_size, &module)
-                                               : wasmtime_module_deserialize_file(engine, own, &module);
-                if (!error) {
-                    if (debug) fprintf(stderr, "wasmforge-run: precompiled %s\n", cwasm);
-                    *engine_out = engine;
-                    free(code);
-                    free(key);
-                    free(wasm_bytes);
-                    free(manifest_text);
-                    free(entry);
-                    close(code_fd);
-                    close(wasm_fd);
-                    return module;
-                }
+            wasm_config_t *config = wasm_config_new();
+            wasmtime_config_wasm_exceptions_set(config, exceptions);
+            wasmtime_config_epoch_interruption_set(config, true);
+            wasm_engine_t *engine = wasm_engine_new_with_config(config);
+            wasmtime_error_t *error = code ? wasmtime_module_deserialize(engine, code, code_size, &module)
+                                           : wasmtime_module_deserialize_file(engine, own, &module);
+            if (!error) {
+                if (debug) fprintf(stderr, "wasmforge-run: precompiled %s\n", cwasm);
+                *engine_out = engine;
+                free(code);
+                free(key);
+                free(wasm_bytes);
+                free(manifest_text);
+                free(entry);
+                close(code_fd);
+                close(wasm_fd);
+                return module;
             }
         } else if (debug) {
             fprintf(stderr, "wasmforge-run: %s does not match its key's sha256; not used\n", cwasm);
