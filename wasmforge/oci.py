@@ -16,7 +16,6 @@ date; tar entries fixed), so the same build gives the same digests. registry.py 
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import io
 import json
@@ -35,6 +34,7 @@ from .errors import WasmforgeError
 from .optimize import module_interface
 from .registry import Registry, RegistryError, check_tag
 from .sources import progress_bar
+from .tarballs import deterministic_gzip, member
 
 if TYPE_CHECKING:  # the remote cache uses this module from inside the build pipeline
     from .release import Release
@@ -156,21 +156,8 @@ def annotations(release: Release, program: str | None, revision: str | None) -> 
 def _layer_tar(name: str, data: bytes, epoch: int) -> bytes:
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o755
-        info.mtime = epoch
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        tar.addfile(info, io.BytesIO(data))
+        tar.addfile(member(name, mode=0o755, mtime=epoch, size=len(data)), io.BytesIO(data))
     return raw.getvalue()
-
-
-def deterministic_gzip(data: bytes) -> bytes:
-    out = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
-        gz.write(data)
-    return out.getvalue()
 
 
 def image_set(release: Release, documents: dict[str, bytes], tarball: bytes, root: Path) -> ImageSet:

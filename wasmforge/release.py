@@ -16,7 +16,6 @@ with the command that builds it.
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import hashlib
 import io
 import json
@@ -34,6 +33,7 @@ from .pipeline import PlannedBuild, plan
 from .recipe import LicenseFile, Package, RecipeBook, SourceSpec, Target
 from .sources import fetch_one
 from .store import MANIFEST, ArtifactStore, exclusive_lock
+from .tarballs import deterministic_gzip, member
 from .toolchain import Toolchain
 from .verify import SUMS
 
@@ -342,27 +342,10 @@ def deterministic_tarball(files: Iterable[PackagedFile], epoch: int, top: str) -
         entries = sorted(files, key=lambda f: f.path)
         directories = sorted({"/".join(f.path.split("/")[:i]) for f in entries for i in range(1, f.path.count("/") + 1)})
         for directory in ["", *directories]:
-            info = tarfile.TarInfo(f"{top}/{directory}".rstrip("/"))
-            info.type = tarfile.DIRTYPE
-            info.mode = 0o755
-            _fixed(info, epoch)
-            tar.addfile(info)
+            tar.addfile(member(f"{top}/{directory}".rstrip("/"), tarfile.DIRTYPE, 0o755, mtime=epoch))
         for f in entries:
-            info = tarfile.TarInfo(f"{top}/{f.path}")
-            info.size = len(f.data)
-            info.mode = 0o644
-            _fixed(info, epoch)
-            tar.addfile(info, io.BytesIO(f.data))
-    out = io.BytesIO()
-    with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
-        gz.write(raw.getvalue())
-    return out.getvalue()
-
-
-def _fixed(info: tarfile.TarInfo, epoch: int) -> None:
-    info.mtime = epoch
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
+            tar.addfile(member(f"{top}/{f.path}", mtime=epoch, size=len(f.data)), io.BytesIO(f.data))
+    return deterministic_gzip(raw.getvalue())
 
 
 def package_tarball(release: Release, documents: dict[str, bytes]) -> bytes:

@@ -34,9 +34,10 @@ from typing import Any
 from . import __version__
 from .errors import WasmforgeError
 from .extract import ExtractLimits, extract_archive
-from .oci import LAYER_TYPE, MANIFEST_TYPE, Blob, deterministic_gzip
+from .oci import LAYER_TYPE, MANIFEST_TYPE, Blob
 from .registry import Registry, RegistryError, Repository
 from .store import MANIFEST, STORE_PLACEHOLDER, ArtifactStore, file_record, walk_entry
+from .tarballs import deterministic_gzip, member
 
 Log = Callable[[str], None]
 ENTRY_TYPE = "application/vnd.wasmforge.store-entry.v1"
@@ -85,21 +86,19 @@ def pack_entry(store: ArtifactStore, key: str) -> tuple[bytes, bytes]:
     rewritten: list[str] = []
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        tar.addfile(_info("entry", tarfile.DIRTYPE, 0o755))
+        tar.addfile(member("entry", tarfile.DIRTYPE, 0o755))
         for rel, kind in sorted(walk_entry(entry)):
             if rel.endswith(_PRECOMPILED):
                 continue
             path = entry / rel
             if kind == "dir":
-                tar.addfile(_info(f"entry/{rel}", tarfile.DIRTYPE, 0o755))
+                tar.addfile(member(f"entry/{rel}", tarfile.DIRTYPE, 0o755))
             elif kind == "link":
                 target = os.readlink(path)
                 if any(r.decode() in target for r in roots):
                     raise RemoteCacheError(f"{rel} links into the store ({target}): the entry cannot be shared")
                 links[rel] = target
-                info = _info(f"entry/{rel}", tarfile.SYMTYPE, 0o777)
-                info.linkname = target
-                tar.addfile(info)
+                tar.addfile(member(f"entry/{rel}", tarfile.SYMTYPE, 0o777, linkname=target))
             elif kind == "file":
                 data = path.read_bytes()
                 if any(r in data for r in roots):
@@ -113,21 +112,10 @@ def pack_entry(store: ArtifactStore, key: str) -> tuple[bytes, bytes]:
                         data = data.replace(r, STORE_PLACEHOLDER)
                     rewritten.append(rel)
                 files[rel] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
-                info = _info(f"entry/{rel}", tarfile.REGTYPE, 0o755 if os.access(path, os.X_OK) else 0o644)
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
+                mode = 0o755 if os.access(path, os.X_OK) else 0o644
+                tar.addfile(member(f"entry/{rel}", tarfile.REGTYPE, mode, size=len(data)), io.BytesIO(data))
     config = {"key": key, "files": files, "links": links, "rewritten": rewritten, "wasmforge": __version__}
     return json.dumps(config, sort_keys=True, indent=1).encode(), deterministic_gzip(raw.getvalue())
-
-
-def _info(name: str, kind: bytes, mode: int) -> tarfile.TarInfo:
-    info = tarfile.TarInfo(name)
-    info.type = kind
-    info.mode = mode
-    info.mtime = 0
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    return info
 
 
 def push_entry(registry: Registry, store: ArtifactStore, key: str, target: str, *, log: Log = print) -> bool:
