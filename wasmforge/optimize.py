@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import wasmtime
@@ -87,17 +88,23 @@ def _leb(data: bytes, pos: int) -> tuple[int, int]:
             return result, pos
 
 
-def custom_sections(data: bytes) -> dict[str, bytes]:
-    """The module's custom sections by name (the last one wins)."""
-    sections: dict[str, bytes] = {}
+def _sections(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(id, start, end) of each section of a module, in order."""
     pos = 8
     while pos < len(data):
         kind = data[pos]
         size, pos = _leb(data, pos + 1)
+        yield kind, pos, pos + size
+        pos += size
+
+
+def custom_sections(data: bytes) -> dict[str, bytes]:
+    """The module's custom sections by name (the last one wins)."""
+    sections: dict[str, bytes] = {}
+    for kind, pos, end in _sections(data):
         if kind == 0:
             length, start = _leb(data, pos)
-            sections[data[start:start + length].decode(errors="replace")] = data[start + length:pos + size]
-        pos += size
+            sections[data[start:start + length].decode(errors="replace")] = data[start + length:end]
     return sections
 
 
@@ -156,11 +163,7 @@ def module_interface(data: bytes) -> tuple[list[str], list[str]]:
         _, pos = _leb(data, pos + 1)
         return _leb(data, pos)[1] if flags & 1 else pos
 
-    pos = 8
-    while pos < len(data):
-        kind = data[pos]
-        size, pos = _leb(data, pos + 1)
-        end = pos + size
+    for kind, pos, _ in _sections(data):
         if kind == 2:
             count, p = _leb(data, pos)
             for _ in range(count):
@@ -187,5 +190,4 @@ def module_interface(data: bytes) -> tuple[list[str], list[str]]:
                 field, p = name(p)
                 _, p = _leb(data, p + 1)
                 exported.append(field)
-        pos = end
     return imported, exported
