@@ -30,6 +30,7 @@ from typing import Any
 import requests
 
 from .errors import WasmforgeError
+from .sources import network_reason
 
 Log = Callable[[str], None]
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
@@ -149,10 +150,10 @@ class Registry:
             except requests.RequestException as exc:
                 kwargs["headers"] = headers
                 if attempt < attempts:
-                    self._wait(attempt, f"{method} {path}: {_reason(exc)}")
+                    self._wait(attempt, f"{method} {path}: {network_reason(exc)}")
                     continue
-                self.unreachable = _reason(exc)
-                raise RegistryError(f"cannot reach the registry {self.repo.host}: {_reason(exc)}",
+                self.unreachable = network_reason(exc)
+                raise RegistryError(f"cannot reach the registry {self.repo.host}: {network_reason(exc)}",
                                     where=self._url(path),
                                     hint="check the address and that it is running"
                                          + ("" if self.repo.insecure else "; a plain-HTTP registry needs --insecure")
@@ -191,7 +192,7 @@ class Registry:
             try:
                 answer = self.session.get(params["realm"], params=query, auth=self.creds, timeout=TIMEOUT)
             except requests.RequestException as exc:
-                raise RegistryError(f"cannot reach the registry's token service: {_reason(exc)}",
+                raise RegistryError(f"cannot reach the registry's token service: {network_reason(exc)}",
                                     where=params["realm"]) from None
             if answer.status_code != 200:
                 raise RegistryError(f"the registry's token service refused ({answer.status_code})",
@@ -307,33 +308,25 @@ class Registry:
         hasher = hashlib.sha256()
         parts: list[bytes] = []
         size = 0
-        sink = into.open("wb") if into else None
         try:
-            for chunk in response.iter_content(1 << 20):
-                size += len(chunk)
-                if size > limit:
-                    raise RegistryError(f"blob {digest[:19]} is larger than the {limit} bytes it should have",
-                                        where=str(self.repo))
-                hasher.update(chunk)
-                if sink:
-                    sink.write(chunk)
-                else:
-                    parts.append(chunk)
+            with response, (into.open("wb") if into else contextlib.nullcontext()) as sink:
+                for chunk in response.iter_content(1 << 20):
+                    size += len(chunk)
+                    if size > limit:
+                        raise RegistryError(f"blob {digest[:19]} is larger than the {limit} bytes it should have",
+                                            where=str(self.repo))
+                    hasher.update(chunk)
+                    (sink.write if sink else parts.append)(chunk)
             if "sha256:" + hasher.hexdigest() != digest:
                 raise RegistryError(f"blob {digest[:19]} does not match its digest (corrupted in the registry or "
                                     "on the way)", where=str(self.repo), hint="it was not used")
-        except requests.RequestException as exc:
+        except (requests.RequestException, RegistryError) as exc:
             if into:
                 into.unlink(missing_ok=True)
-            raise RegistryError(f"the download of blob {digest[:19]} broke off: {_reason(exc)}",
+            if isinstance(exc, RegistryError):
+                raise
+            raise RegistryError(f"the download of blob {digest[:19]} broke off: {network_reason(exc)}",
                                 where=str(self.repo)) from None
-        except RegistryError:
-            if into:
-                into.unlink(missing_ok=True)
-            raise
-        finally:
-            if sink:
-                sink.close()
         return b"".join(parts)
 
     # ------------------------------------------------------------------ manifests
@@ -400,13 +393,3 @@ class _Broken(Exception):
 def _credentials_hint(host: str) -> str:
     return (f"set WASMFORGE_REGISTRY_USER and WASMFORGE_REGISTRY_PASSWORD, or log in to {host} "
             "so that ~/.docker/config.json has its credentials")
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc)
-    for marker in ("Connection refused", "Name or service not known", "timed out", "Connection reset",
-                   "Connection aborted", "RemoteDisconnected", "BrokenPipe", "certificate verify failed",
-                   "wrong version number"):
-        if marker in text:
-            return marker.lower()
-    return text[:160]

@@ -233,9 +233,9 @@ def _download_once(url: str, sha256: str, dest: Path, *, progress: bool, label: 
         response = _get_within(url, deadline, timeout=(15, min(READ_TIMEOUT, deadline)),
                                headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
     except requests.ConnectionError as exc:
-        raise _Miss(f"cannot connect ({_reason(exc)})") from None
+        raise _Miss(f"cannot connect ({network_reason(exc)})") from None
     except requests.RequestException as exc:
-        raise _Miss(f"request failed ({_reason(exc)})") from None
+        raise _Miss(f"request failed ({network_reason(exc)})") from None
     with response:
         if response.status_code in RETRIED_STATUSES:
             raise _Transient(f"HTTP {response.status_code}", _retry_after(response.headers.get("Retry-After")))
@@ -256,7 +256,7 @@ def _download_once(url: str, sha256: str, dest: Path, *, progress: bool, label: 
                     # inside one call past the deadline.
                     chunk = response.raw.read1(CHUNK, decode_content=False)
                 except (requests.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
-                    raise _Transient(f"connection broke after {received} bytes ({_reason(exc)})") from None
+                    raise _Transient(f"connection broke after {received} bytes ({network_reason(exc)})") from None
                 if not chunk:
                     return
                 received += len(chunk)
@@ -337,9 +337,16 @@ def _retry_after(value: str | None) -> float | None:
     return max(0.0, min((when - datetime.now(UTC)).total_seconds(), MAX_RETRY_AFTER))
 
 
-def _reason(exc: BaseException) -> str:
+# What a failed connection says, shortened to the words that matter (requests' messages nest several
+# exceptions' texts); shared with the registry client.
+_NETWORK_MARKERS = ("Failed to resolve", "Name or service not known", "Connection refused", "timed out",
+                    "IncompleteRead", "Connection reset", "Connection aborted", "RemoteDisconnected", "BrokenPipe",
+                    "certificate verify failed", "wrong version number")
+
+
+def network_reason(exc: BaseException) -> str:
     text = str(exc)
-    for marker in ("Failed to resolve", "Connection refused", "timed out", "IncompleteRead", "Connection reset"):
+    for marker in _NETWORK_MARKERS:
         if marker in text:
             return marker.lower()
     return text[:160]
