@@ -158,7 +158,7 @@ class ArtifactStore:
 
     def discard(self, key: str) -> None:
         entry = self.entry(key)
-        trash = self._scratch(f"discard-{key}")
+        trash = self.scratch(f"discard-{key}")
         try:
             os.replace(entry, trash)
         except FileNotFoundError:
@@ -171,7 +171,7 @@ class ArtifactStore:
         tmp: Path | None = None
         try:
             self._sweep()
-            tmp = self._scratch(key)
+            tmp = self.scratch(key)
             try:
                 os.replace(staged, tmp)
             except OSError as exc:
@@ -220,9 +220,6 @@ class ArtifactStore:
 
     def scratch(self, label: str) -> Path:
         """A fresh path in the store's .tmp/ (same file system as the entries: renamed into place)."""
-        return self._scratch(label)
-
-    def _scratch(self, label: str) -> Path:
         tmp = self.root / ".tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp / f"{label}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
