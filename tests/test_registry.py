@@ -694,3 +694,27 @@ def test_a_bad_remote_cache_address_is_one_message():
     result = _invoke("build", LUA, "--remote-cache", "http://example.invalid/x", env=_env(Config.from_env()))
     assert result.returncode == 1 and "is not a remote cache address" in result.stderr
     assert RemoteCache.parse("oci://127.0.0.1:5000/team/cache").repo.insecure is False
+
+
+@pytest.mark.parametrize("field, value", [("rewritten", ["../outside.txt"]), ("programs", {"evil": "../outside.txt"})])
+def test_a_pulled_entry_cannot_make_us_touch_files_outside_it(tmp_path, field, value):
+    from wasmforge.remote_cache import RemoteCacheError, _check_against, _localise
+    from wasmforge.store import file_record
+
+    root = tmp_path / "entry"
+    (root / "bin").mkdir(parents=True)
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(b"@WASMFORGE_STORE@ untouched\n")
+    manifest = {"outputs": {"bin/x.wasm": {}}, "programs": {"x": "bin/x.wasm"}}
+    if field == "programs":
+        manifest["programs"] = value
+        manifest["outputs"]["../outside.txt"] = {}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    (root / "bin/x.wasm").write_bytes(b"\0asm\1\0\0\0")
+    config = {"files": {rel: file_record(root / rel) for rel in ("manifest.json", "bin/x.wasm")}, "links": {},
+              "rewritten": value if field == "rewritten" else []}
+    _check_against(root, config)  # the tree is exactly what the config lists
+    compiled: list[Path] = []
+    with pytest.raises(RemoteCacheError, match="not a file of the entry|does not hold"):
+        _localise(root, config, ArtifactStore(tmp_path / "store"), compiled.append)
+    assert outside.read_bytes() == b"@WASMFORGE_STORE@ untouched\n" and compiled == []

@@ -237,10 +237,13 @@ def _localise(root: Path, config: dict[str, Any], store: ArtifactStore,
               precompile: Callable[[Path], None] | None) -> None:
     """Name this store's directory where the pusher's was, compile the modules here, re-record them."""
     local = str(store.root).encode()
+    # Only paths of the verified file list (_check_against: exactly the files in the tree) are touched:
+    # the lists below come from the pusher and could name `../` anything.
+    files = config["files"]
     changed = []
     for rel in config.get("rewritten", []):
         path = root / rel
-        if not isinstance(rel, str) or not path.is_file() or path.is_symlink():
+        if not isinstance(rel, str) or rel not in files:
             raise RemoteCacheError(f"its config rewrites {rel!r}, which is not a file of the entry")
         path.write_bytes(path.read_bytes().replace(STORE_PLACEHOLDER, local))
         changed.append(rel)
@@ -250,7 +253,7 @@ def _localise(root: Path, config: dict[str, Any], store: ArtifactStore,
     outputs: dict[str, Any] = {rel: rec for rel, rec in manifest["outputs"].items() if not rel.endswith(_PRECOMPILED)}
     if not manifest.get("native") and precompile is not None:
         for rel in manifest.get("programs", {}).values():
-            if not isinstance(rel, str) or rel not in outputs:
+            if not isinstance(rel, str) or rel not in outputs or rel not in files:
                 raise RemoteCacheError(f"its manifest names a program {rel!r} that the entry does not hold")
             precompile(root / rel)
             changed += [rel.removesuffix(".wasm") + suffix for suffix in _PRECOMPILED]
