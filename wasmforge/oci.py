@@ -95,9 +95,6 @@ class ImageSet:
         self.blobs[blob.digest] = blob
         return blob
 
-    def tagged(self, ref: str) -> Tagged:
-        return next(t for t in self.manifests if t.ref == ref)
-
     def index(self) -> Blob:
         """The layout's index.json: every manifest, the named ones with their ref name."""
         entries = []

@@ -22,7 +22,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -380,10 +380,6 @@ class Registry:
                            sort_keys=True, separators=(",", ":")).encode()
         self.put_manifest(tag, INDEX_TYPE, index)
 
-    def tags(self) -> Iterator[str]:
-        response = self.request("GET", f"{self.repo.name}/tags/list", ok=(200, 404))
-        if response.status_code == 200:
-            yield from (response.json().get("tags") or [])
 
 
 class _Broken(Exception):
