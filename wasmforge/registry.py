@@ -30,7 +30,7 @@ from typing import Any
 import requests
 
 from .errors import WasmforgeError
-from .sources import network_reason
+from .sources import network_reason, retry_after
 
 Log = Callable[[str], None]
 MANIFEST_TYPES = ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json",
@@ -134,21 +134,20 @@ class Registry:
         return f"repository:{repo or self.repo.name}:{action}"
 
     def request(self, method: str, path: str, *, ok: tuple[int, ...] = (200,), scope: str | None = None,
-                retry: bool = True, _reauth: bool = False, **kwargs: Any) -> requests.Response:
+                retry: bool = True, headers: dict[str, str] | None = None, _reauth: bool = False,
+                **kwargs: Any) -> requests.Response:
         """One call, with auth challenges answered and transient failures retried; any status outside
         `ok` is a RegistryError naming what the registry said."""
         scope = scope or self._scope(method)
         kwargs.setdefault("timeout", TIMEOUT)
         attempts = self.retries if retry else 1
         for attempt in range(1, attempts + 1):
-            headers = dict(kwargs.pop("headers", {}) or {})
+            sent = dict(headers or {})
             if scope in self._auth:
-                headers["Authorization"] = self._auth[scope]
+                sent["Authorization"] = self._auth[scope]
             try:
-                response = self.session.request(method, self._url(path), headers=headers, allow_redirects=True,
-                                                **kwargs)
+                response = self.session.request(method, self._url(path), headers=sent, allow_redirects=True, **kwargs)
             except requests.RequestException as exc:
-                kwargs["headers"] = headers
                 if attempt < attempts:
                     self._wait(attempt, f"{method} {path}: {network_reason(exc)}")
                     continue
@@ -158,10 +157,10 @@ class Registry:
                                     hint="check the address and that it is running"
                                          + ("" if self.repo.insecure else "; a plain-HTTP registry needs --insecure")
                                     ) from None
-            kwargs["headers"] = {k: v for k, v in headers.items() if k != "Authorization"}
             # A 401 is answered once (credentials sent, or a fresh token: the last one may have expired).
             if response.status_code == 401 and not _reauth and self._authenticate(response, scope):
-                return self.request(method, path, ok=ok, scope=scope, retry=retry, _reauth=True, **kwargs)
+                return self.request(method, path, ok=ok, scope=scope, retry=retry, headers=headers, _reauth=True,
+                                    **kwargs)
             if (response.status_code == 429 or response.status_code >= 500) and attempt < attempts:
                 self._wait(attempt, f"{method} {path}: HTTP {response.status_code}", response.headers.get("Retry-After"))
                 continue
@@ -170,10 +169,9 @@ class Registry:
             return response
         raise AssertionError("unreachable")
 
-    def _wait(self, attempt: int, why: str, retry_after: str | None = None) -> None:
-        delay = self.backoff * 2 ** (attempt - 1)
-        if retry_after and retry_after.isdigit():
-            delay = min(float(retry_after), 60.0)
+    def _wait(self, attempt: int, why: str, retry_after_header: str | None = None) -> None:
+        asked = retry_after(retry_after_header)  # seconds or an HTTP date, as downloads read it
+        delay = min(asked, 60.0) if asked is not None else self.backoff * 2 ** (attempt - 1)
         self.log(f"registry: {why}; retrying in {delay:.0f} s")
         time.sleep(delay)
 

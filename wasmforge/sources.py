@@ -238,7 +238,7 @@ def _download_once(url: str, sha256: str, dest: Path, *, progress: bool, label: 
         raise _Miss(f"request failed ({network_reason(exc)})") from None
     with response:
         if response.status_code in RETRIED_STATUSES:
-            raise _Transient(f"HTTP {response.status_code}", _retry_after(response.headers.get("Retry-After")))
+            raise _Transient(f"HTTP {response.status_code}", retry_after(response.headers.get("Retry-After")))
         if response.status_code != 200:
             raise _Miss(f"HTTP {response.status_code}")
         expected = _content_length(response.headers.get("Content-Length"))
@@ -321,7 +321,7 @@ def _content_length(value: str | None) -> int | None:
     return int(value)
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after(value: str | None) -> float | None:
     """Retry-After in seconds (a number or an HTTP date), capped; None when absent or unreadable."""
     if not value:
         return None
