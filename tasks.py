@@ -164,10 +164,10 @@ def build(ctx, target, flavor=None, jobs=None, force=False, no_test=False, mirro
     from wasmforge.remote_cache import RemoteCache
     from wasmforge.toolchain import ensure_host_packages, find_toolchain, host_toolchain
     config = _config(jobs=jobs, mirror=mirror)
-    if no_ccache or debug or remote_cache or push_cache:
-        config = dataclasses.replace(config, use_ccache=not no_ccache, debug=debug,
-                                     remote_cache=remote_cache or config.remote_cache,
-                                     push_cache=push_cache or config.push_cache)
+    # Options add to what the environment says (WASMFORGE_NO_CCACHE, WASMFORGE_REMOTE_CACHE, CI), never undo it.
+    config = dataclasses.replace(config, use_ccache=config.use_ccache and not no_ccache, debug=config.debug or debug,
+                                 remote_cache=remote_cache or config.remote_cache,
+                                 push_cache=push_cache or config.push_cache)
     if config.remote_cache:
         RemoteCache.parse(config.remote_cache)  # a bad address is one message before anything is built
     book = RecipeBook.load(config.recipes_dir)
