@@ -185,9 +185,9 @@ def test_recipe_extract_limits_are_validated_and_used(project):
 
 # ----------------------------------------------------------------------------- recipes
 
-def _recipe_file(project, body: str, name: str = "bad") -> Path:
-    path = project.root / "recipes" / f"{name}.yaml"
-    path.write_text(textwrap.dedent(f"""\
+def recipe_header(name: str = "bad") -> str:
+    """The seven lines of a valid recipe that hostile bodies are added to."""
+    return textwrap.dedent(f"""\
         name: {name}
         summary: s
         license: MIT
@@ -195,7 +195,12 @@ def _recipe_file(project, body: str, name: str = "bad") -> Path:
           "1.0": {{sha256: {"a" * 64}}}
         source: {{url: "https://example.invalid/x.tar.gz"}}
         build: {{system: make}}
-        """) + textwrap.dedent(body))
+        """)
+
+
+def _recipe_file(project, body: str, name: str = "bad") -> Path:
+    path = project.root / "recipes" / f"{name}.yaml"
+    path.write_text(recipe_header(name) + textwrap.dedent(body))
     return path
 
 

@@ -8,26 +8,18 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from test_hostile import recipe_header
 
 from wasmforge import yamlspans
 from wasmforge.errors import RecipeError
 from wasmforge.recipe import MAX_RECIPE_TEMPLATE_WORK, RecipeBook, load_recipe
 
-HEADER = textwrap.dedent(f"""\
-    name: bad
-    summary: s
-    license: MIT
-    versions:
-      "1.0": {{sha256: {"a" * 64}}}
-    source: {{url: "https://example.invalid/x.tar.gz"}}
-    build: {{system: make}}
-    """)
+HEADER = recipe_header()
 
 # `invoke list` as it runs, on the recipes of a throw-away project (the checkout is where the
 # configuration finds them).
