@@ -130,6 +130,8 @@ class _Tree:
                 return  # "./": the tree itself
             raise _Refused("empty name")
         mtime = _mtime(member.mtime)
+        if "\0" in member.linkname:  # of a symbolic or hard link (empty for other members)
+            raise _Refused("NUL in its link target")
         resolved = self._directory(parts[:-1])
         final = self.root.joinpath(*resolved, parts[-1])
         if member.isdir():
@@ -149,8 +151,6 @@ class _Tree:
             self._must_be_new(final)
             if PurePosixPath(member.linkname).is_absolute() or not member.linkname:
                 raise _Refused(f"link to absolute path {member.linkname!r}")
-            if "\0" in member.linkname:
-                raise _Refused("NUL in its link target")
             os.symlink(member.linkname, final)
             self._created((*resolved, parts[-1]))
             self.links.append((*resolved, parts[-1]))
@@ -158,8 +158,6 @@ class _Tree:
             self._check_link(len(self.links) - 1)
         elif member.islnk():
             self._must_be_new(final)
-            if "\0" in member.linkname:
-                raise _Refused("NUL in its link target")
             if PurePosixPath(member.linkname).is_absolute():
                 raise _Refused(f"hard link to absolute path {member.linkname!r}")
             target = self._resolve(tuple(member.linkname.split("/")), follow_last=True)
