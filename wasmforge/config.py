@@ -7,43 +7,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import WasmforgeError
+# Re-exported: the stages and tasks.py import them from here.
+from .settings import MAX_SECONDS, default_cache_dir, positive_number  # noqa: F401
 
 # How long one file may take to download before it is given up on (WASMFORGE_DOWNLOAD_DEADLINE).
 DEFAULT_DOWNLOAD_DEADLINE = 1800.0
 
 
-def default_cache_dir() -> Path:
-    if env := os.environ.get("WASMFORGE_CACHE"):
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "wasmforge"
-
-
 def project_root() -> Path:
     """The checkout that holds recipes/, patches/ and toolchain/."""
     return Path(__file__).resolve().parent.parent
-
-
-# The longest timeout we accept (about 31 years, as wasmforge-run): the timers under it take no more.
-MAX_SECONDS = 1e9
-
-
-def positive_number(name: str, text: str | float | int, *, integer: bool = False, allow_zero: bool = False,
-                    maximum: float | None = None) -> float:
-    """A command-line or environment number, refused with one message unless it is positive (and finite,
-    and at most `maximum`)."""
-    try:
-        value = float(text)
-    except (TypeError, ValueError):
-        raise WasmforgeError(f"{name}: {text!r} is not a number") from None
-    if value != value or value in (float("inf"), float("-inf")) or value < 0 or (value == 0 and not allow_zero):
-        raise WasmforgeError(f"{name}: {text!r} must be a positive number")
-    if maximum is not None and value > maximum:
-        raise WasmforgeError(f"{name}: {text!r} is too large (at most {maximum:g})")
-    if integer and value != int(value):
-        raise WasmforgeError(f"{name}: {text!r} must be a whole number")
-    return value
 
 
 @dataclass(frozen=True)

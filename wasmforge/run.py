@@ -7,18 +7,14 @@ its key matches, and exits with the program's status. Options: --dir GUEST:HOST,
 
 from __future__ import annotations
 
-import ctypes.util
-import hashlib
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import wasmtime
 
-from .config import MAX_SECONDS, positive_number
 from .errors import ToolchainError, WasmforgeError
 from .runtime import Runner, aot_value_text, reserve_std_fds, wasmtime_version
+from .settings import MAX_SECONDS, positive_number
 from .store import entry_containing
 
 LAUNCHER_SOURCE = Path(__file__).parent / "launcher" / "wasmforge-run.c"
@@ -27,6 +23,12 @@ LAUNCHER_SOURCE = Path(__file__).parent / "launcher" / "wasmforge-run.c"
 def build_launcher(cache_dir: Path) -> Path:
     """Compile `wasmforge-run` (launcher/wasmforge-run.c) against the wasmtime library of the Python
     package, once per wasmtime version: a fresh process that starts a precompiled module without Python."""
+    # Imported here: `python -m wasmforge.run` starts modules and should not pay for them.
+    import ctypes.util
+    import hashlib
+    import shutil
+    import subprocess
+
     libraries = sorted(Path(wasmtime.__file__).parent.glob("*/_libwasmtime.so"))
     if not libraries:
         raise ToolchainError(f"the wasmtime package has no _libwasmtime.so in {Path(wasmtime.__file__).parent}")

@@ -14,18 +14,18 @@ Otherwise the `.wasm` is compiled on the fly.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import re
 import sys
-import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
 from functools import cache
-from importlib.metadata import version as package_version
 from pathlib import Path
+from typing import NamedTuple
 
 import wasmtime
 
@@ -42,8 +42,8 @@ NO_DEADLINE = 1 << 62
 BLOCKED_GRACE = 1.0
 
 
-@dataclass(frozen=True)
-class RunResult:
+class RunResult(NamedTuple):
+    # A named tuple, like the Runner a plain class: dataclasses imports inspect, a cost at every start.
     exit_code: int | None
     stdout: bytes = b""
     stderr: bytes = b""
@@ -73,7 +73,40 @@ class _ProcExit(Exception):
 
 @cache
 def wasmtime_version() -> str:
-    return package_version("wasmtime")
+    """The version of the wasmtime package that is imported: it keys precompiled code, so it is exact.
+
+    Read from the METADATA of the package's dist-info beside it (the file importlib.metadata reads), as
+    importing importlib.metadata costs every start of a module tens of milliseconds; importlib.metadata
+    answers when that is not one clear dist-info."""
+    found = installed_version(Path(wasmtime.__file__).parent.parent, "wasmtime")
+    if found is None:
+        from importlib.metadata import version
+
+        found = version("wasmtime")
+    return found
+
+
+def installed_version(site: Path, name: str) -> str | None:
+    """The Version of the one `<name>-*.dist-info` in `site` whose METADATA names `name`; None when there
+    is no such dist-info, more than one, or its METADATA does not say."""
+    prefix = name.lower() + "-"
+    versions = []
+    try:
+        candidates = [e for e in os.listdir(site) if e.lower().startswith(prefix) and e.endswith(".dist-info")]
+        for entry in candidates:
+            headers: dict[str, str] = {}
+            with open(site / entry / "METADATA", encoding="utf-8") as metadata:
+                for line in metadata:
+                    if not line.strip():
+                        break  # the headers end at the first empty line (the description follows)
+                    key, sep, value = line.partition(":")
+                    if sep and not line[0].isspace():
+                        headers.setdefault(key.strip().lower(), value.strip())
+            if re.sub(r"[-_.]+", "-", headers.get("name", "")).lower() == name.lower():
+                versions.append(headers.get("version"))
+    except (OSError, UnicodeDecodeError):
+        return None
+    return versions[0] if len(versions) == 1 and versions[0] else None
 
 
 @cache
@@ -181,12 +214,12 @@ def load_precompiled(wasm: Path, engine: wasmtime.Engine, exceptions: bool) -> w
         return None
 
 
-@dataclass
 class Runner:
     """Loads modules once per process (compiled or precompiled) and runs them."""
 
-    use_precompiled: bool = True
-    _modules: dict[Path, tuple[wasmtime.Module, bool, bool]] = field(default_factory=dict)
+    def __init__(self, use_precompiled: bool = True) -> None:
+        self.use_precompiled = use_precompiled
+        self._modules: dict[Path, tuple[wasmtime.Module, bool, bool]] = {}
 
     def load(self, wasm: Path) -> tuple[wasmtime.Module, bool, bool]:
         """(module, needs exceptions, came from a precompiled file)."""
@@ -217,7 +250,7 @@ class Runner:
         store = wasmtime.Store(engine)
         if memory_limit:
             store.set_limits(memory_size=memory_limit)
-        with tempfile.TemporaryDirectory(prefix="wasmforge-run-") as tmp:
+        with _io_dir(capture or stdin is not None) as tmp:
             wasi = wasmtime.WasiConfig()
             wasi.argv = argv
             wasi.env = list((env or {}).items())
@@ -225,13 +258,13 @@ class Runner:
                 if not Path(host).is_dir():
                     raise RunError(f"cannot preopen {host} as {guest}: not a directory")
                 wasi.preopen_dir(str(host), guest)
-            out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
-            if stdin is not None:
+            out, err = (Path(tmp, "stdout"), Path(tmp, "stderr")) if tmp and capture else (None, None)
+            if tmp and stdin is not None:
                 Path(tmp, "stdin").write_bytes(stdin)
                 wasi.stdin_file = str(Path(tmp, "stdin"))
             elif not capture:
                 wasi.inherit_stdin()
-            if capture:
+            if out and err:
                 wasi.stdout_file = str(out)
                 wasi.stderr_file = str(err)
             else:
@@ -307,13 +340,23 @@ class Runner:
             duration = time.perf_counter() - start
             return RunResult(
                 exit_code=exit_code,
-                stdout=out.read_bytes() if capture and out.exists() else b"",
-                stderr=err.read_bytes() if capture and err.exists() else b"",
+                stdout=out.read_bytes() if out and out.exists() else b"",
+                stderr=err.read_bytes() if err and err.exists() else b"",
                 timed_out=fired.is_set() and exit_code is None,
                 trap=trap,
                 duration=duration,
                 precompiled=precompiled,
             )
+
+
+def _io_dir(needed: bool) -> contextlib.AbstractContextManager[str | None]:
+    """A temporary directory for captured output and given input; None for a program that shares our
+    standard streams (which then does not import tempfile, nor shutil under it, at every start)."""
+    if not needed:
+        return contextlib.nullcontext()
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="wasmforge-run-")
 
 
 def _sha256(data: bytes) -> str:

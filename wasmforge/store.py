@@ -18,10 +18,7 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import stat
-import tempfile
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +26,9 @@ from typing import Any
 
 from .errors import BuildError
 from .verified import fd_sha256
+
+# shutil, tempfile and uuid are imported by the methods that write the store: starting a stored module
+# (python -m wasmforge.run, invoke run) only verifies an entry, and should not pay for them.
 
 Log = Callable[[str], None]
 MANIFEST = "manifest.json"
@@ -90,6 +90,8 @@ class ArtifactStore:
                 return locks
         except OSError:
             pass
+        import tempfile
+
         digest = hashlib.sha256(str(self.root.resolve()).encode()).hexdigest()[:16]
         private = Path(tempfile.gettempdir()) / f"wasmforge-locks-{os.getuid()}" / digest
         private.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -157,6 +159,8 @@ class ArtifactStore:
         return json.loads((entry / MANIFEST).read_text())
 
     def discard(self, key: str) -> None:
+        import shutil
+
         entry = self.entry(key)
         trash = self.scratch(f"discard-{key}")
         try:
@@ -167,6 +171,8 @@ class ArtifactStore:
 
     def put(self, key: str, staged: Path) -> Path:
         """Move a finished prefix (with its manifest) into the store, atomically."""
+        import shutil
+
         entry = self.entry(key)
         tmp: Path | None = None
         try:
@@ -220,12 +226,16 @@ class ArtifactStore:
 
     def scratch(self, label: str) -> Path:
         """A fresh path in the store's .tmp/ (same file system as the entries: renamed into place)."""
+        import uuid
+
         tmp = self.root / ".tmp"
         tmp.mkdir(parents=True, exist_ok=True)
         return tmp / f"{label}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
 
     def _sweep(self) -> None:
         """Remove what builds that were killed left in .tmp/ (their process is gone)."""
+        import shutil
+
         for leftover in (self.root / ".tmp").glob("*.*.*"):
             pid = leftover.name.rsplit(".", 2)[1]
             if pid.isdigit() and not _alive(int(pid)):

@@ -15,10 +15,9 @@ import contextlib
 import hashlib
 import os
 import stat
-import tempfile
 from pathlib import Path
 
-from .config import default_cache_dir
+from .settings import default_cache_dir
 
 CHUNK = 1 << 20
 
@@ -68,6 +67,8 @@ def file_sha256(path: Path) -> str:
 
 def _remember(directory: Path, stamp: Path, text: str) -> None:
     """Write a stamp atomically; a cache we cannot write only costs speed."""
+    import tempfile  # here: an unchanged file, the common case, needs no stamp written
+
     with contextlib.suppress(OSError):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not _private(directory):
