@@ -322,20 +322,23 @@ def conformance(ctx, target, jobs=None, output="docs/conformance.md", from_logs=
 
 @task(help={"runs": "runs per start-up measurement (the median is reported; long workloads use at most 3)",
             "no-builds": "skip the build-time measurements (cold, no-change, touched patch)",
-            "output": "the Markdown file the table is appended to"})
+            "output": "the Markdown file the table is appended to",
+            "peer": "also run the recipe's peer (another project's build, e.g. WordPress Playground's PHP under "
+                    "Node.js) on the same workloads: a column of its own"})
 @cli
-def bench(ctx, target, runs="21", no_builds=False, output="docs/benchmarks.md"):
-    """Measure build times, sizes, start-up and run time against the native build; append to docs/benchmarks.md."""
-    from wasmforge.bench import BENCH_HEADER, render, run_bench
+def bench(ctx, target, runs="21", no_builds=False, output="docs/benchmarks.md", peer=False):
+    """Measure build times, sizes, start-up and run time against the native build (and a peer); append to docs/benchmarks.md."""
+    from wasmforge.bench import BENCH_HEADER, find_peer, render, run_bench
     from wasmforge.toolchain import find_toolchain
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
     t = book.parse_target(target)
     tc = find_toolchain(config)
     command = "invoke bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:])
+    the_peer = find_peer(book.package(t), config, log) if peer else None
     rows = run_bench(book, t, config, tc, runs=int(_number("--runs", runs, integer=True) or 21),
-                     builds=not no_builds, log=log)
-    text = render(t, rows, command, tc)
+                     builds=not no_builds, log=log, peer=the_peer)
+    text = render(t, rows, command, tc, the_peer)
     print(text)
     path = config.root / output
     if not path.exists():

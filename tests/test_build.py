@@ -225,6 +225,40 @@ def test_pre_configure_generates_sources_with_a_host_tool(project, toolchain):
     assert "no-such-generator: command not found" in info.value.details
 
 
+def test_generated_files_must_match_their_pins(project, toolchain):
+    template = HELLO_C.replace('"world"', '"@WHO@"')
+    sha = _source(project, "hello", "1.0", {"hello.c.in": template, "Makefile": MAKEFILE})
+    good = hashlib.sha256(template.replace("@WHO@", "generated").encode()).hexdigest()
+    pinned = GENERATED_RECIPE.replace("      make: [hello]", f"      generated: {{hello.c: {good}}}\n      make: [hello]")
+    project.recipe("hello", _recipe("hello", sha, pinned))
+    results, _ = _build(project, toolchain, "hello-1.0")
+    assert all(t["passed"] for t in read_manifest(results[-1].output)["tests"])
+
+    # Another generator output (as another version of the host tool would write) stops before configure.
+    project.recipe("hello", _recipe("hello", sha, pinned.replace("/generated/", "/regenerated/")))
+    with pytest.raises(BuildError) as info:
+        _build(project, toolchain, "hello-1.0")
+    assert info.value.what == "hello.c was generated differently from the recipe's pin"
+    assert info.value.where.endswith("hello.yaml:15")  # the pin's line
+    bad = hashlib.sha256(template.replace("@WHO@", "regenerated").encode()).hexdigest()
+    assert info.value.details == f"expected sha256 {good}\ngot      sha256 {bad}"
+
+    project.recipe("hello", _recipe("hello", sha, pinned.replace("> hello.c", "> other.c")))
+    with pytest.raises(BuildError) as info:
+        _build(project, toolchain, "hello-1.0")
+    assert info.value.what == "hello.c was not generated (no such file in the source tree)"
+
+    # A version's own pins (generated files that differ from version to version) are checked the same way.
+    per_version = _recipe("hello", sha, GENERATED_RECIPE.replace("/generated/", "/regenerated/"),
+                          extra_version=f"    generated: {{hello.c: {good}}}")
+    project.recipe("hello", per_version)
+    with pytest.raises(BuildError) as info:
+        _build(project, toolchain, "hello-1.0")
+    assert info.value.details == f"expected sha256 {good}\ngot      sha256 {bad}"
+    assert info.value.where.endswith("hello.yaml:" + str(per_version.splitlines().index(
+        f"    generated: {{hello.c: {good}}}") + 1))
+
+
 def test_patch_failure_names_the_patch_and_the_next_build_starts_clean(project, toolchain):
     sha = _source(project, "hello", "1.0", {"hello.c": HELLO_C, "Makefile": MAKEFILE})
     recipe = _recipe("hello", sha, HELLO_RECIPE, extra_version='    patches: "1"')

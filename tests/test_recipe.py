@@ -222,3 +222,35 @@ def test_a_flavor_links_a_subset_of_the_dependencies(tmp_path):
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
     assert f"{path}:10: flavors.small.depends[0]" in info.value.render() and "'sqlite' is not in the recipe's depends" in info.value.render()
+
+
+BENCH = """\
+bench:
+  startup: [hello, -q]
+  workloads:
+    - {name: the loop, file: examples/loop.txt, run: [hello, loop.txt]}
+  peer: {name: another build, versions: ["1.0"], npm: toolchain/peers/x, run: [node, run.mjs]}
+"""
+
+
+@pytest.mark.parametrize("change, where, message", [
+    (("run: [hello, loop.txt]", "run: [hello, other.txt]"), ":25", "does not run the script 'loop.txt'"),
+    (("file: examples/loop.txt,", "file: examples/loop.txt, source: loop.txt,"), ":25",
+     "a workload's script is either 'source' (a file of the source tree) or 'file' (a file of this checkout)"),
+    (("startup: [hello, -q]", "startup: [bye]"), ":23", "must start with one of this recipe's outputs"),
+    (("startup: [hello, -q]", "startup: []"), ":23", "must start with one of this recipe's outputs"),
+    (("run: [hello, loop.txt]", "run: []"), ":25", "does not run the script 'loop.txt'"),
+    (("npm: toolchain/peers/x", "npm: ../x"), ":26", "is not a relative path"),
+    (("versions: [\"1.0\"], ", ""), ":26", "missing required key 'versions'"),
+])
+def test_the_bench_section_is_checked(project, change, where, message):
+    err = _error(project, GOOD + BENCH.replace(*change))
+    assert message in err.what
+    assert err.where.endswith(where), err.where
+
+
+def test_the_bench_section_is_read(project):
+    project.recipe("tiny", GOOD + BENCH)
+    book = RecipeBook.load(project.config.recipes_dir)
+    bench = book.package(book.parse_target("tiny-1.0")).recipe.bench
+    assert bench["startup"] == ["hello", "-q"] and bench["peer"]["run"] == ["node", "run.mjs"]

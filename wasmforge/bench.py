@@ -22,16 +22,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 from .config import Config
-from .errors import WasmforgeError
+from .errors import ToolchainError, WasmforgeError
 from .pipeline import build_target, read_manifest
 from .recipe import RecipeBook, Target
 from .run import build_launcher
 from .runtime import Runner, wasmtime_version
 from .sources import fetch_sources
-from .toolchain import Toolchain, host_toolchain
+from .toolchain import Toolchain, host_toolchain, npm_project
 
 Log = Callable[[str], None]
 BENCH_HEADER = """# Benchmarks
@@ -45,19 +46,33 @@ host process. Build times use a scratch artifact store and ccache; sources come 
 
 @dataclass(frozen=True)
 class Workload:
-    """What to run: start-up arguments, and a longer program (from the source tree or the checkout)."""
+    """A longer program the recipe names (`bench.workloads`): run natively, in wasm and in the peer."""
 
-    program: str
-    startup: tuple[str, ...]
-    script_in_source: str | None = None  # a path inside the source tarball
-    script_in_checkout: str | None = None  # a path relative to the checkout
-    script_args: tuple[str, ...] = ()
+    name: str
+    run: tuple[str, ...]  # the program, then its arguments; the script's file name stands for the script
+    source: str | None = None  # a path inside the source tarball
+    file: str | None = None  # a path relative to the checkout
+
+    @property
+    def script(self) -> str:
+        return (self.source or self.file or "").rsplit("/", 1)[-1]
+
+    def argv(self, script_path: str) -> list[str]:
+        return [script_path if a == self.script else a for a in self.run]
 
 
-WORKLOADS = {
-    "php": Workload("php", ("-n", "-r", "echo 1;"), script_in_source="Zend/bench.php", script_args=("-n",)),
-    "lua": Workload("lua", ("-e", "io.write(1)"), script_in_checkout="examples/lua/bench.lua"),
-}
+@dataclass(frozen=True)
+class Peer:
+    """Another project's build of the interpreter, installed from its npm lock and started by `run`."""
+
+    name: str
+    directory: Path
+    run: tuple[str, ...]
+
+
+def workloads_of(package) -> list[Workload]:
+    return [Workload(w["name"], tuple(str(a) for a in w["run"]), w.get("source"), w.get("file"))
+            for w in package.recipe.bench.get("workloads", [])]
 
 
 @dataclass(frozen=True)
@@ -66,16 +81,23 @@ class Row:
     native: float | None
     wasm: float | None
     unit: str  # "s", "ms", "bytes"
+    # The peer's measure, or why it has none (e.g. "fails: exit code 1").
+    peer: float | str | None = None
 
-    def cells(self) -> tuple[str, str, str, str]:
-        def fmt(v: float | None) -> str:
+    def cells(self, with_peer: bool = False) -> tuple[str, ...]:
+        def fmt(v: float | str | None) -> str:
             if v is None:
                 return "-"
+            if isinstance(v, str):
+                return v
             if self.unit == "bytes":
                 return f"{v / 1024:,.0f} KiB"
             return f"{v * 1000:.1f} ms" if self.unit == "ms" else f"{v:.2f} s"
-        ratio = f"{self.wasm / self.native:.2f}x" if self.native and self.wasm is not None else ""
-        return (self.what, fmt(self.native), fmt(self.wasm), ratio)
+
+        def ratio(v: float | str | None) -> str:
+            return f"{v / self.native:.2f}x" if self.native and isinstance(v, int | float) else ""
+        cells = (self.what, fmt(self.native), fmt(self.wasm), ratio(self.wasm))
+        return cells + (fmt(self.peer), ratio(self.peer)) if with_peer else cells
 
 
 def median_time(fn: Callable[[], object], runs: int) -> float:
@@ -160,38 +182,90 @@ def measure_sizes(output: Path) -> list[Row]:
     return rows
 
 
-def _script(workload: Workload, package_sources, config: Config, dest: Path, log: Log) -> Path | None:
-    if workload.script_in_checkout:
-        path = config.root / workload.script_in_checkout
-        shutil.copy(path, dest / path.name)
-        return dest / path.name
-    if workload.script_in_source:
-        fetched = fetch_sources(package_sources, config, log=log)
-        with tarfile.open(fetched.path) as tar:
-            for member in tar.getmembers():
-                if member.isfile() and member.name.split("/", 1)[-1] == workload.script_in_source:
-                    data = tar.extractfile(member)
-                    assert data is not None
-                    target = dest / Path(workload.script_in_source).name
-                    target.write_bytes(data.read())
-                    return target
-        raise WasmforgeError(f"{workload.script_in_source} is not in {fetched.path.name}")
-    return None
+def _script(workload: Workload, package_sources, config: Config, dest: Path, log: Log) -> Path:
+    target = dest / workload.script
+    if workload.file:
+        path = config.root / workload.file
+        if not path.is_file():
+            raise WasmforgeError(f"the workload {workload.name!r} names {workload.file}, which is not in the checkout")
+        shutil.copyfile(path, target)
+        return target
+    fetched = fetch_sources(package_sources, config, log=log)
+    with tarfile.open(fetched.path) as tar:
+        for member in tar.getmembers():
+            if member.isfile() and member.name.split("/", 1)[-1] == workload.source:
+                data = tar.extractfile(member)
+                assert data is not None
+                target.write_bytes(data.read())
+                return target
+    raise WasmforgeError(f"{workload.source} is not in {fetched.path.name}")
+
+
+def _run_timed(argv: list[str], cwd: Path, what: str) -> float:
+    """Wall time of one fresh process; a failure stops the benchmark with its output."""
+    start = time.perf_counter()
+    result = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=1800)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise WasmforgeError(f"{what} failed (exit code {result.returncode}): {' '.join(argv)}",
+                             details=(result.stderr or result.stdout).decode(errors="replace")[-2000:])
+    return seconds
+
+
+def _peer_timed(argv: list[str], cwd: Path) -> float | str:
+    """The peer's wall time, or what went wrong: a peer that fails a workload is reported, not fatal."""
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        return "fails (over 30 min)"
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        last = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
+        return f"fails (exit code {result.returncode}" + (f": {last[-1][:80]}" if last else "") + ")"
+    return seconds
+
+
+def alternating_medians(commands: dict[str, Callable[[], float | str]], rounds: int) -> dict[str, float | str]:
+    """Run the commands in turn, round after round (so a slower spell of the machine touches all
+    alike), and take each one's median; a command that once reports a failure keeps that report."""
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    failed: dict[str, str] = {}
+    for _ in range(rounds):
+        for name, command in commands.items():
+            if name in failed:
+                continue
+            value = command()
+            if isinstance(value, str):
+                failed[name] = value
+            else:
+                samples[name].append(value)
+    return {name: failed.get(name) or statistics.median(samples[name]) for name in commands}
+
+
+def peer_command(peer: Peer, args: list[str]) -> list[str]:
+    program = shutil.which(peer.run[0]) or peer.run[0]
+    return [program, *(str(peer.directory / a) if (peer.directory / a).is_file() else a for a in peer.run[1:]), *args]
 
 
 def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: Path, scratch: Path, runs: int,
-                 log: Log) -> list[Row]:
-    workload = WORKLOADS[target.name]
+                 log: Log, peer: Peer | None = None) -> list[Row]:
+    package = book.package(target)
+    startup = [str(a) for a in package.recipe.bench.get("startup", [])]
+    if not startup:
+        raise WasmforgeError(f"the recipe of {target.name} names no start-up measure",
+                             where=package.recipe.where(()), hint="add bench.startup: [PROGRAM, ARGS...]")
+    program, startup_args = startup[0], startup[1:]
     native_target = dataclasses.replace(target, flavor=None, native=True)
     log(f"bench: native reference build {native_target} (from the store if it is there) ...")
     native_out = build_target(book, native_target, config, host_toolchain(), log=lambda m: None)[-1].output
-    native = native_out / "bin" / workload.program
-    wasm = wasm_output / "bin" / f"{workload.program}.wasm"
-    argv = [workload.program, *workload.startup]
+    native = native_out / "bin" / program
+    wasm = wasm_output / "bin" / f"{program}.wasm"
+    argv = [program, *startup_args]
     rows = []
 
     log(f"bench: start-up, {runs} runs each ...")
-    native_start = median_time(lambda: subprocess.run([str(native), *workload.startup], capture_output=True), runs)
+    native_start = median_time(lambda: subprocess.run([str(native), *startup_args], capture_output=True), runs)
     runner = Runner()
     first = runner.run(wasm, argv)
     if not first.precompiled:
@@ -200,42 +274,62 @@ def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: 
     in_process = median_time(lambda: runner.run(wasm, argv), runs)
     jit_runs = max(1, min(3, runs))
     on_the_fly = median_time(lambda: Runner(use_precompiled=False).run(wasm, argv), jit_runs)
-    quote = " ".join(workload.startup)
-    rows.append(Row(f"start-up `{workload.program} {quote}`, in-process: module loaded, new store + instantiate + run",
+    quote = " ".join(startup_args)
+    rows.append(Row(f"start-up `{program} {quote}`, in-process: module loaded, new store + instantiate + run",
                     native_start, in_process, "ms"))
     rows.append(Row(f"start-up, in-process, compiled on the fly (compile + instantiate + run, median of {jit_runs})",
                     native_start, on_the_fly, "ms"))
     env = {**os.environ, "WASMFORGE_OUTPUT": str(wasm_output.parent.parent)}
-    cli = median_time(lambda: subprocess.run([_invoke(), "run", str(target), "--", *workload.startup],
+    cli = median_time(lambda: subprocess.run([_invoke(), "run", str(target), "--", *startup_args],
                                              env=env, cwd=config.root, capture_output=True), runs)
     rows.append(Row("start-up, fresh process: `invoke run` (precompiled)", native_start, cli, "ms"))
-    direct = median_time(lambda: subprocess.run([sys.executable, "-m", "wasmforge.run", str(wasm), "--", *workload.startup],
+    direct = median_time(lambda: subprocess.run([sys.executable, "-m", "wasmforge.run", str(wasm), "--", *startup_args],
                                                 cwd=config.root, capture_output=True), runs)
     rows.append(Row("start-up, fresh process: `python -m wasmforge.run MODULE` (precompiled)", native_start, direct, "ms"))
     launcher = build_launcher(config.cache_dir)
-    fast = median_time(lambda: subprocess.run([str(launcher), str(wasm), *workload.startup], capture_output=True), runs)
-    rows.append(Row("start-up, fresh process: `wasmforge-run MODULE` (`invoke launcher`; precompiled, no Python)",
-                    native_start, fast, "ms"))
+    fast = median_time(lambda: subprocess.run([str(launcher), str(wasm), *startup_args], capture_output=True), runs)
+    peer_start = None
+    if peer:
+        peer_start = alternating_medians({"peer": lambda: _peer_timed(peer_command(peer, startup_args), scratch)},
+                                         min(runs, 5))["peer"]
+    rows.append(Row("start-up, fresh process: `wasmforge-run MODULE` (`invoke launcher`; precompiled, no Python)"
+                    + ("; the peer: `node` + its module, fresh process" if peer else ""),
+                    native_start, fast, "ms", peer_start))
 
     scripts = scratch / "scripts"
     scripts.mkdir(exist_ok=True)
-    script = _script(workload, book.package(target).sources, config, scripts, log)
-    if script:
-        log(f"bench: {script.name}, {min(runs, 3)} runs each ...")
-        slow_runs = min(runs, 3)
-        native_run = median_time(lambda: subprocess.run([str(native), *workload.script_args, str(script)],
-                                                        capture_output=True, check=True), slow_runs)
-        wasm_argv = [workload.program, *workload.script_args, f"/bench/{script.name}"]
-
-        def wasm_run() -> None:
-            result = runner.run(wasm, wasm_argv, dirs=[("/bench", scripts)], timeout=900)
-            if result.exit_code != 0:
-                raise WasmforgeError(f"{script.name} failed in wasm: {result.describe()}",
-                                     details=result.stderr.decode(errors="replace")[-2000:])
-        wasm_time = median_time(wasm_run, slow_runs)
-        where = workload.script_in_source or workload.script_in_checkout
-        rows.append(Row(f"run time of `{where}` (precompiled, median of {slow_runs})", native_run, wasm_time, "s"))
+    slow_runs = min(runs, 3)
+    for workload in workloads_of(package):
+        script = _script(workload, package.sources, config, scripts, log)
+        log(f"bench: {workload.name}, {slow_runs} alternating runs each ...")
+        native_argv = [str(native), *workload.argv(str(script))[1:]]
+        wasm_argv = [str(launcher), "--dir", f"/bench:{scripts}", str(wasm), *workload.argv(f"/bench/{script.name}")[1:]]
+        commands: dict[str, Callable[[], float | str]] = {
+            "native": partial(_run_timed, native_argv, scripts, f"{workload.name} natively"),
+            "wasm": partial(_run_timed, wasm_argv, scripts, f"{workload.name} in wasm"),
+        }
+        if peer:
+            commands["peer"] = partial(_peer_timed, peer_command(peer, workload.argv(str(script))[1:]), scripts)
+        times = alternating_medians(commands, slow_runs)
+        rows.append(Row(f"run time of {workload.name} (fresh process each, precompiled, median of {slow_runs} alternating runs)",
+                        float(times["native"]), float(times["wasm"]), "s", times.get("peer")))
     return rows
+
+
+def find_peer(package, config: Config, log: Log) -> Peer | None:
+    """The recipe's peer for this version, installed from its npm lock; None (with one line saying why)
+    when there is none or it cannot be had here."""
+    spec = package.recipe.bench.get("peer")
+    if not spec or package.version not in spec["versions"]:
+        log(f"bench: no peer for {package.name}-{package.version} (the recipe names none for this version); "
+            "the peer column is left out")
+        return None
+    try:
+        directory = npm_project(config, config.root / spec["npm"], log=log)
+    except ToolchainError as exc:
+        log(f"bench: the peer ({spec['name']}) cannot be run here: {exc.what}; the peer column is left out")
+        return None
+    return Peer(spec["name"], directory, tuple(str(a) for a in spec["run"]))
 
 
 def machine_description() -> str:
@@ -256,7 +350,14 @@ def machine_description() -> str:
     return f"{platform.system()} {platform.release()} {platform.machine()}, {cpu}, {os.cpu_count()} cores{memory}"
 
 
-def render(target: Target, rows: list[Row], command: str, toolchain: Toolchain) -> str:
+def _node_version() -> str:
+    try:
+        return subprocess.run(["node", "--version"], capture_output=True, text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def render(target: Target, rows: list[Row], command: str, toolchain: Toolchain, peer: Peer | None = None) -> str:
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     wasm_opt = toolchain.wasm_opt.version if toolchain.wasm_opt else "none"
     lines = [
@@ -265,19 +366,21 @@ def render(target: Target, rows: list[Row], command: str, toolchain: Toolchain) 
         f"- command: `{command}`",
         f"- machine: {machine_description()}",
         f"- wasmtime {wasmtime_version()} (Python package), {toolchain.clang_version}, {wasm_opt}",
-        "",
-        "| measure | native | wasm | wasm / native |",
-        "|---|---:|---:|---:|",
     ]
-    lines += ["| " + " | ".join(row.cells()) + " |" for row in rows]
+    if peer:
+        lines.append(f"- peer: {peer.name}, run by `{' '.join(peer.run)}` under Node.js {_node_version()}")
+    header = "| measure | native | wasm | wasm / native |" + (" peer | peer / native |" if peer else "")
+    lines += ["", header, "|---|---:|---:|---:|" + ("---:|---:|" if peer else "")]
+    lines += ["| " + " | ".join(row.cells(with_peer=peer is not None)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def run_bench(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain, *, runs: int, builds: bool,
-              log: Log) -> list[Row]:
-    if target.name not in WORKLOADS:
-        raise WasmforgeError(f"no benchmark workload for {target.name}",
-                             hint=f"benchmarks exist for: {', '.join(sorted(WORKLOADS))}")
+              log: Log, peer: Peer | None = None) -> list[Row]:
+    package = book.package(target)
+    if not package.recipe.bench.get("startup"):
+        raise WasmforgeError(f"the recipe of {target.name} says nothing to benchmark", where=package.recipe.where(()),
+                             hint="add a bench section: startup: [PROGRAM, ARGS...] and workloads")
     scratch = Path(tempfile.mkdtemp(prefix="wasmforge-bench-"))
     try:
         rows: list[Row] = []
@@ -287,7 +390,7 @@ def run_bench(book: RecipeBook, target: Target, config: Config, toolchain: Toolc
         else:
             output = build_target(book, target, config, toolchain, log=lambda m: None)[-1].output
         rows += measure_sizes(output)
-        rows += measure_runs(book, target, config, output, scratch, runs, log)
+        rows += measure_runs(book, target, config, output, scratch, runs, log, peer)
         return rows
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -27,6 +27,7 @@ from .config import Config
 from .errors import BuildError
 from .recipe import Package
 from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, HostToolchain, Toolchain
+from .verified import file_sha256
 
 Log = Callable[[str], None]
 # Passed to the clang driver at link time: clang would otherwise run any wasm-opt found on PATH.
@@ -42,6 +43,8 @@ class Step:
     env: Mapping[str, str] = field(default_factory=dict)
     # The recipe key this step comes from, so that a failure points at its line.
     origin: tuple[str | int, ...] = ("build",)
+    # A check done here instead of a command (argv is then empty): raises BuildError.
+    check: Callable[[], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -252,6 +255,9 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     steps: list[Step] = []
     steps += shell_steps("pre_configure", ctx.render(("pre_configure",), build.get("pre_configure", [])), ctx.src, env,
                          ("build", "pre_configure"))
+    if build.get("generated"):
+        steps.append(Step("check-generated", (), ctx.src, origin=("build", "generated"),
+                          check=lambda: check_generated(ctx, build["generated"])))
     if system == "autotools":
         cross = [] if ctx.package.native else [f"--host={TARGET}", f"--build={_build_triple()}"]
         # Relative when it can be: PHP records its configure line (php -i), which must not name the host.
@@ -420,10 +426,33 @@ def run_in_group(argv: tuple[str, ...] | list[str], *, cwd: Path, env: Mapping[s
         guard.wait()
 
 
+def check_generated(ctx: BuildContext, pins: Mapping[str, str]) -> None:
+    """The files pre_configure generated are the ones the recipe pins (they are part of the build key)."""
+    for rel, expected in pins.items():
+        path = ctx.src / rel
+        pinned_by_version = rel in ctx.package.recipe.versions[ctx.package.version].get("generated", {})
+        where = ctx.package.recipe.where(("versions", ctx.package.version, "generated", rel) if pinned_by_version
+                                         else ("build", "generated", rel))
+        if not path.is_file() or path.is_symlink():
+            raise BuildError(f"{rel} was not generated (no such file in the source tree)", where=where,
+                             hint="check the pre_configure steps' logs")
+        got = file_sha256(path)
+        if got != expected:
+            raise BuildError(f"{rel} was generated differently from the recipe's pin", where=where,
+                             details=f"expected sha256 {expected}\ngot      sha256 {got}",
+                             hint="the generator (a pre_configure step or its host tool) is not the one the pin was "
+                                  "made with: compare the file with a known-good build's before updating the pin")
+
+
 def run_steps(ctx: BuildContext, steps: list[Step], *, log: Log = print, first_index: int = 1) -> list[StepTiming]:
     ctx.logs.mkdir(parents=True, exist_ok=True)
     timings = []
     for index, step in enumerate(steps, first_index):
+        if step.check:
+            start = time.perf_counter()
+            step.check()
+            timings.append(StepTiming(step.name, time.perf_counter() - start))
+            continue
         log_file = ctx.logs / f"{index:02d}-{step.name}.log"
         step.cwd.mkdir(parents=True, exist_ok=True)
         log(f"  [{ctx.package.target}] {step.name} (log: {log_file})")

@@ -628,6 +628,8 @@ class Recipe:
     flavors: Mapping[str, Mapping[str, Any]]
     tests: tuple[Mapping[str, Any], ...]
     native: Mapping[str, Any]
+    # What `invoke bench` runs (start-up, workloads) and the peer it measures against, if any.
+    bench: Mapping[str, Any]
     doc: SpannedDoc = field(repr=False, compare=False)
     # What its templates have done since the last resolve() (bounded: MAX_RECIPE_TEMPLATE_WORK).
     template_work: _RecipeWork = field(default_factory=_RecipeWork, init=False, repr=False, compare=False)
@@ -714,6 +716,9 @@ class Recipe:
             sources.append(self._source_spec(self.render_value(dict(alt), ctx, apath), apath))
 
         build = dict(self.build)
+        if "generated" in vspec:
+            # This version's pins of generated files join the build section's.
+            build["generated"] = {**build.get("generated", {}), **vspec["generated"]}
         if flavor:
             spec = self.flavors[flavor]
             build = merge_build(build, spec.get("build", {}), replace=tuple(spec.get("replace", ())))
@@ -1041,10 +1046,20 @@ def _is_license_file(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
         raise doc.error(path + ("lines",), "lines are [first, last], first <= last")
 
 
+def _generated_check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise doc.error(path, f"must be a mapping of file -> sha256, not {type(value).__name__}")
+    for file, digest in value.items():
+        _is_relative_path(doc, path + (file,), file)
+        _is_sha256(doc, path + (file,), digest)
+
+
 _version_check = _record(
     {"sha256": _is_sha256, "patches": _is_str, "alternatives": _list_of(_alternative_check),
      # The release date: builds and packages of this version are dated with it (SOURCE_DATE_EPOCH).
-     "released": _is_date},
+     "released": _is_date,
+     # Pins of files pre_configure generates that differ from version to version (see build.generated).
+     "generated": _generated_check},
     required=("sha256",),
 )
 
@@ -1063,6 +1078,9 @@ _build_fields: dict[str, Check] = {
     # Shell commands run in the source tree after the patches, before configure (e.g. to
     # regenerate sources with a host tool).
     "pre_configure": _list_of(_is_str),
+    # Files pre_configure generates, with their pinned sha256: a generator that writes anything else
+    # (another version of the host tool) stops the build before configure, naming both digests.
+    "generated": _generated_check,
     # Debian packages whose programs the build runs (installed when missing, as root).
     "host_packages": _list_of(_is_str),
     "configure": _list_of(_is_str),
@@ -1103,6 +1121,30 @@ _test_check = _record(
     rule=_test_rule,
 )
 
+def _bench_workload_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
+    if ("source" in value) == ("file" in value):
+        raise doc.error(path, "a workload's script is either 'source' (a file of the source tree) or 'file' "
+                              "(a file of this checkout), not both or neither")
+    script = (value.get("source") or value["file"]).rsplit("/", 1)[-1]
+    if script not in value["run"][1:]:
+        raise doc.error(path + ("run",), f"does not run the script {script!r}",
+                        hint=f"a program, then its arguments with the script by its file name: run: [PROGRAM, {script}]")
+
+
+_bench_check = _record({
+    # The start-up measure: a program and its arguments.
+    "startup": _list_of(_is_scalar_arg),
+    # Longer programs: run is a program and its arguments, where the script's file name stands for it.
+    "workloads": _list_of(_record({"name": _is_str, "source": _is_relative_path, "file": _is_relative_path,
+                                   "run": _list_of(_is_scalar_arg)},
+                                  required=("name", "run"), rule=_bench_workload_rule)),
+    # Another project's build of the same interpreter that `invoke bench --peer` runs beside ours:
+    # an npm project (a directory under toolchain/ with package.json, a package-lock.json that pins
+    # every package's integrity, and the script that runs it) and the versions it is the peer for.
+    "peer": _record({"name": _is_str, "versions": _list_of(_is_str), "npm": _is_relative_path,
+                     "run": _list_of(_is_scalar_arg)}, required=("name", "versions", "npm", "run")),
+})
+
 _recipe_check = _record(
     {
         "name": _is_str,
@@ -1126,6 +1168,7 @@ _recipe_check = _record(
         # How to build for the build machine (--native): build keys that replace the WASI ones,
         # and the build machine's packages that provide the dependencies.
         "native": _record({"build": _flavor_build_check, "packages": _list_of(_is_str)}),
+        "bench": _bench_check,
     },
     required=("name", "summary", "license", "versions", "source", "build"),
 )
@@ -1159,6 +1202,12 @@ def load_recipe(file: Path) -> Recipe:
         for flavor in test.get("flavors", []):
             if flavor != "default" and flavor not in data.get("flavors", {}):
                 raise doc.error(("tests", i, "flavors"), f"unknown flavor {flavor!r}")
+    bench = data.get("bench", {})
+    for bpath, argv in [(("bench", "startup"), bench.get("startup"))] + [
+            (("bench", "workloads", i, "run"), w["run"]) for i, w in enumerate(bench.get("workloads", []))]:
+        if argv is not None and (not argv or argv[0] not in outputs):
+            raise doc.error(bpath, "must start with one of this recipe's outputs",
+                            hint=f"outputs: {', '.join(outputs) or 'none'}")
     for flavor, spec in data.get("flavors", {}).items():
         for j, dep in enumerate(spec.get("depends", [])):
             if dep not in data.get("depends", []):
@@ -1181,6 +1230,7 @@ def load_recipe(file: Path) -> Recipe:
         flavors=data.get("flavors", {}),
         tests=tuple(data.get("tests", [])),
         native=data.get("native", {}),
+        bench=data.get("bench", {}),
         doc=doc,
     )
 

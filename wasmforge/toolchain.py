@@ -227,7 +227,7 @@ def _write_wrappers(config: Config, root: Path, sysroot: Path) -> Path:
 
 # ----------------------------------------------------------------------------- wasm-opt
 
-WASM_OPT_IDENTITY = "wasmforge-tool.json"
+TOOL_IDENTITY = "wasmforge-tool.json"
 
 
 def _wasm_opt_dir(config: Config) -> Path:
@@ -245,7 +245,7 @@ def find_wasm_opt(config: Config, *, environ: dict[str, str] | None = None) -> W
             raise ToolchainError(f"WASMFORGE_WASM_OPT={path} does not run: {exc}",
                                  hint="point it at Binaryen's wasm-opt (>= 117), or unset it") from None
         return WasmOpt((path,), out.stdout.strip(), "WASMFORGE_WASM_OPT")
-    ident = _wasm_opt_dir(config) / WASM_OPT_IDENTITY
+    ident = _wasm_opt_dir(config) / TOOL_IDENTITY
     node = shutil.which("node")
     if not ident.exists() or not node:
         return None
@@ -289,7 +289,7 @@ def install_wasm_opt(config: Config, *, log: Log = print) -> WasmOpt:
             raise ToolchainError(f"{spec}'s wasm-opt does not run with {node}",
                                  details=(out.stderr or out.stdout)[-2000:], hint="Node.js >= 18 is needed")
         origin = f"npm {spec}, {pin['integrity'][:20]}..."
-        (staging / WASM_OPT_IDENTITY).write_text(json.dumps({"version": out.stdout.strip(), "origin": origin}))
+        (staging / TOOL_IDENTITY).write_text(json.dumps({"version": out.stdout.strip(), "origin": origin}))
         tarballs[0].unlink()
         if dest.exists():
             shutil.rmtree(dest)
@@ -417,6 +417,46 @@ def debian_tool(config: Config, name: str, *, log: Log = print) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return binary
+
+
+def npm_project(config: Config, project: Path, *, log: Log = print) -> Path:
+    """An npm project of the checkout (package.json, a package-lock.json with every package's integrity,
+    its scripts) installed into the cache with `npm ci`, which checks each package against the lock and
+    runs no install scripts; the installed directory, named by a digest of the project's files."""
+    npm = shutil.which("npm")
+    if not npm or not shutil.which("node"):
+        raise ToolchainError(f"{project.name} needs Node.js and npm, which are not installed", hint="apt-get install nodejs npm")
+    lock = project / "package-lock.json"
+    if not lock.is_file() or not (project / "package.json").is_file():
+        raise ToolchainError(f"{project} has no package.json and package-lock.json", hint="an npm project pins every package in its lock")
+    files = sorted(p for p in project.iterdir() if p.is_file())
+    digest = hashlib.sha256(b"".join(p.name.encode() + b"\0" + file_sha256(p).encode() for p in files)).hexdigest()
+    dest = config.cache_dir / "tools" / f"{project.name}-{digest[:16]}"
+    if (dest / TOOL_IDENTITY).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".npm-"))
+    try:
+        for p in files:
+            shutil.copyfile(p, staging / p.name)
+        log(f"installing {project.name} with npm ci (pinned by {lock})")
+        try:
+            result = subprocess.run([npm, "ci", "--ignore-scripts", "--no-audit", "--no-fund", "--loglevel=error"],
+                                    cwd=staging, capture_output=True, text=True, timeout=900)
+        except subprocess.TimeoutExpired:
+            raise ToolchainError(f"npm ci of {project.name} took more than 15 minutes",
+                                 hint="check that npm can reach its registry") from None
+        if result.returncode != 0:
+            raise ToolchainError(f"npm ci of {project.name} failed (exit code {result.returncode})",
+                                 details=(result.stderr or result.stdout)[-2000:],
+                                 hint="check that npm can reach its registry; EINTEGRITY means a package is not the pinned one")
+        (staging / TOOL_IDENTITY).write_text(json.dumps({"project": str(project.name), "files": digest}))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return dest
 
 
 def _deb_installed(package: str) -> bool:
