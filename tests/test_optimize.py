@@ -39,6 +39,9 @@ def test_outputs_are_optimised_and_stripped_with_sizes_in_the_manifest(project, 
     sizes = manifest["sizes"]["bin/hello.wasm"]
     assert sizes["optimized"]["bytes"] == wasm.stat().st_size < sizes["raw"]["bytes"]
     assert 0 < sizes["optimized"]["gzip"] < sizes["optimized"]["bytes"]
+    # Where the bytes are: code, data and custom sections (with --debug, the custom ones grow).
+    assert 0 < sizes["optimized"]["code"] and 0 < sizes["optimized"]["data"]
+    assert sizes["optimized"]["code"] + sizes["optimized"]["data"] + sizes["optimized"]["custom"] < sizes["optimized"]["bytes"]
     assert manifest["inputs"]["optimize"] == {"wasm_opt": ["-O2"], "debug": False}
     assert not [name for name in custom_sections(wasm.read_bytes()) if name.startswith(".debug")]
     assert any("wasm-opt -O2 on hello.wasm" in m for m in messages)
@@ -50,6 +53,8 @@ def test_outputs_are_optimised_and_stripped_with_sizes_in_the_manifest(project, 
     debug, _ = _build(project, toolchain, "hello-1.0")
     assert debug[-1].key != results[-1].key
     assert ".debug_info" in custom_sections((debug[-1].output / "bin" / "hello.wasm").read_bytes())
+    debug_sizes = read_manifest(debug[-1].output)["sizes"]["bin/hello.wasm"]["optimized"]
+    assert debug_sizes["custom"] > 100 * sizes["optimized"]["custom"]
 
 
 def test_a_recipe_chooses_its_flags_or_none(project, toolchain):

@@ -177,6 +177,10 @@ def measure_sizes(output: Path) -> list[Row]:
         if "optimized" in sizes:
             rows.append(Row(f"`{name}` after wasm-opt", None, sizes["optimized"]["bytes"], "bytes"))
             rows.append(Row(f"`{name}` after wasm-opt, gzip -9", None, sizes["optimized"]["gzip"], "bytes"))
+            for part in ("code", "data", "custom"):
+                if part in sizes["optimized"]:
+                    rows.append(Row(f"`{name}` after wasm-opt: {part} section{'s' if part == 'custom' else ''}", None,
+                                    sizes["optimized"][part], "bytes"))
         else:
             rows.append(Row(f"`{name}` gzip -9", None, sizes["raw"]["gzip"], "bytes"))
     return rows
