@@ -13,7 +13,8 @@ APT_PACKAGES=(
   autotools-dev                                        # a config.sub that knows wasm32-wasip1
   tcl xz-utils ca-certificates                         # SQLite's amalgamation generator, .tar.xz, TLS
   ccache                                               # compile results shared between builds
-  libxml2-dev libsqlite3-dev libonig-dev zlib1g-dev    # native reference PHP (invoke build php-<v> --native)
+  libxml2-dev libsqlite3-dev libonig-dev zlib1g-dev libbz2-dev  # native reference PHP (invoke build php-<v> --native)
+  php-cli                                              # runs PHP's VM generator (Zend/zend_vm_gen.php) in PHP builds
   python3-venv
   docker-registry skopeo apache2-utils                 # the tests' OCI registry, its client and htpasswd
 )
