@@ -40,7 +40,7 @@ def test_outputs_are_optimised_and_stripped_with_sizes_in_the_manifest(project, 
     assert sizes["optimized"]["bytes"] == wasm.stat().st_size < sizes["raw"]["bytes"]
     assert 0 < sizes["optimized"]["gzip"] < sizes["optimized"]["bytes"]
     # Where the bytes are: code, data and custom sections (with --debug, the custom ones grow).
-    assert 0 < sizes["optimized"]["code"] and 0 < sizes["optimized"]["data"]
+    assert sizes["optimized"]["code"] > 0 and sizes["optimized"]["data"] > 0
     assert sizes["optimized"]["code"] + sizes["optimized"]["data"] + sizes["optimized"]["custom"] < sizes["optimized"]["bytes"]
     assert manifest["inputs"]["optimize"] == {"wasm_opt": ["-O2"], "debug": False}
     assert not [name for name in custom_sections(wasm.read_bytes()) if name.startswith(".debug")]
