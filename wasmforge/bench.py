@@ -205,11 +205,24 @@ def _script(workload: Workload, package_sources, config: Config, dest: Path, log
     raise WasmforgeError(f"{workload.source} is not in {fetched.path.name}")
 
 
+WORKLOAD_TIMEOUT = 1800  # seconds one run of a workload may take
+
+
+def _timed_process(argv: list[str], cwd: Path) -> tuple[float, subprocess.CompletedProcess[bytes] | None]:
+    """Wall time of one fresh process and its result (None when it ran out of time)."""
+    start = time.perf_counter()
+    try:
+        result = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=WORKLOAD_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return time.perf_counter() - start, None
+    return time.perf_counter() - start, result
+
+
 def _run_timed(argv: list[str], cwd: Path, what: str) -> float:
     """Wall time of one fresh process; a failure stops the benchmark with its output."""
-    start = time.perf_counter()
-    result = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=1800)
-    seconds = time.perf_counter() - start
+    seconds, result = _timed_process(argv, cwd)
+    if result is None:
+        raise WasmforgeError(f"{what} took more than {WORKLOAD_TIMEOUT // 60} minutes: {' '.join(argv)}")
     if result.returncode != 0:
         raise WasmforgeError(f"{what} failed (exit code {result.returncode}): {' '.join(argv)}",
                              details=(result.stderr or result.stdout).decode(errors="replace")[-2000:])
@@ -218,12 +231,9 @@ def _run_timed(argv: list[str], cwd: Path, what: str) -> float:
 
 def _peer_timed(argv: list[str], cwd: Path) -> float | str:
     """The peer's wall time, or what went wrong: a peer that fails a workload is reported, not fatal."""
-    start = time.perf_counter()
-    try:
-        result = subprocess.run(argv, cwd=cwd, capture_output=True, timeout=1800)
-    except subprocess.TimeoutExpired:
-        return "fails (over 30 min)"
-    seconds = time.perf_counter() - start
+    seconds, result = _timed_process(argv, cwd)
+    if result is None:
+        return f"fails (over {WORKLOAD_TIMEOUT // 60} min)"
     if result.returncode != 0:
         last = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
         return f"fails (exit code {result.returncode}" + (f": {last[-1][:80]}" if last else "") + ")"
