@@ -95,12 +95,16 @@ GREET = {
                     "AC_CONFIG_FILES([Makefile greet.pc])\nAC_OUTPUT\n",
     "Makefile.am": "lib_LIBRARIES = libgreet.a\nlibgreet_a_SOURCES = greet.c\ninclude_HEADERS = greet.h\n"
                    "pkgconfigdir = $(libdir)/pkgconfig\npkgconfig_DATA = greet.pc\n"
-                   "bin_PROGRAMS = greeter\ngreeter_SOURCES = main.c\ngreeter_LDADD = libgreet.a\n",
+                   "lib_LIBRARIES += libshout.a\nlibshout_a_SOURCES = shout.c\n"
+                   "bin_PROGRAMS = greeter\ngreeter_SOURCES = main.c\ngreeter_LDADD = libgreet.a libshout.a\n",
+    # libshout only in Libs.private: a static link (all of wasm) needs it, so pkg-config must be --static.
     "greet.pc.in": "prefix=@prefix@\nlibdir=${prefix}/lib\nincludedir=${prefix}/include\n\n"
-                   "Name: greet\nDescription: test\nVersion: 1.0\nLibs: -L${libdir} -lgreet\nCflags: -I${includedir}\n",
+                   "Name: greet\nDescription: test\nVersion: 1.0\nLibs: -L${libdir} -lgreet\nLibs.private: -lshout\n"
+                   "Cflags: -I${includedir}\n",
     "greet.h": "const char *greeting(void);\n",
-    "greet.c": '#include "greet.h"\n#ifdef GREET_LOUD\nconst char *greeting(void) { return "HELLO FROM AUTOTOOLS"; }\n'
-               '#endif\n',
+    "greet.c": '#include "greet.h"\nconst char *shout(void);\n#ifdef GREET_LOUD\n'
+               'const char *greeting(void) { return shout(); }\n#endif\n',
+    "shout.c": 'const char *shout(void) { return "HELLO FROM AUTOTOOLS"; }\n',
     "main.c": '#include <stdio.h>\n#include "greet.h"\nint main(void) { puts(greeting()); return 0; }\n',
 }
 
@@ -160,9 +164,15 @@ def test_autotools_dependency_seen_through_pkg_config(project, toolchain, tmp_pa
 
 def test_cmake_driver(project, toolchain):
     sha = _source(project, "cm", "1.0", {
-        "CMakeLists.txt": "cmake_minimum_required(VERSION 3.13)\nproject(cm C)\nadd_executable(cm main.c)\n"
-                          "install(TARGETS cm DESTINATION bin)\n",
-        "main.c": '#include <stdio.h>\nint main(void) {\n#ifdef __wasi__\nputs("cmake for wasi");\n#endif\nreturn 0; }\n',
+        # Function checks link a real module: wasi-libc has strdup but no dup (libzip's configure
+        # found everything when checks only compiled a static library).
+        "CMakeLists.txt": "cmake_minimum_required(VERSION 3.13)\nproject(cm C)\ninclude(CheckFunctionExists)\n"
+                          "check_function_exists(strdup HAVE_STRDUP)\ncheck_function_exists(dup HAVE_DUP)\n"
+                          "add_executable(cm main.c)\ninstall(TARGETS cm DESTINATION bin)\n"
+                          "foreach(f STRDUP DUP)\n  if(HAVE_${f})\n    target_compile_definitions(cm PRIVATE HAVE_${f})\n"
+                          "  endif()\nendforeach()\n",
+        "main.c": '#include <stdio.h>\nint main(void) {\n#ifdef __wasi__\nputs("cmake for wasi");\n#endif\n'
+                  '#ifdef HAVE_STRDUP\nputs("strdup");\n#endif\n#ifdef HAVE_DUP\nputs("dup");\n#endif\nreturn 0; }\n',
     })
     project.recipe("cm", _recipe("cm", sha, """\
         build:
@@ -171,7 +181,7 @@ def test_cmake_driver(project, toolchain):
           cm: cm
         tests:
           - run: [cm]
-            stdout: "cmake for wasi\\n"
+            stdout: "cmake for wasi\\nstrdup\\n"
         """))
     results, _ = _build(project, toolchain, "cm")
     assert all(t["passed"] for t in read_manifest(results[-1].output)["tests"])

@@ -120,9 +120,11 @@ class BuildContext:
             return
         libdir = os.pathsep.join(str(p / "lib" / "pkgconfig") for p in self.deps.values()) \
             or str(self.work / "no-pkgconfig")
+        # --static: a wasm module links every library statically, so a library's own dependencies
+        # (libzip's -lbz2 -lcrypto, Libs.private) must be on the link line too.
         script = ("#!/bin/sh\n# pkg-config for this wasm build: the dependencies' .pc files only.\n"
                   f"PKG_CONFIG_LIBDIR={shlex.quote(libdir)}\nPKG_CONFIG_PATH=\n"
-                  f"export PKG_CONFIG_LIBDIR PKG_CONFIG_PATH\nexec {shlex.quote(real)} \"$@\"\n")
+                  f"export PKG_CONFIG_LIBDIR PKG_CONFIG_PATH\nexec {shlex.quote(real)} --static \"$@\"\n")
         self.tools_dir.mkdir(parents=True, exist_ok=True)
         for name in ("pkg-config", f"{self.toolchain.target}-pkg-config"):
             path = self.tools_dir / name
@@ -342,7 +344,9 @@ def write_cmake_toolchain(ctx: BuildContext) -> Path:
         "set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)",
         "set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)",
         "set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)",
-        "set(CMAKE_TRY_COMPILE_TARGET_TYPE STATIC_LIBRARY)",
+        # Checks link a real module: as static libraries they would not link at all, and every
+        # check_function_exists would find functions that wasi-libc lacks (clonefile, dup, ...).
+        "set(CMAKE_TRY_COMPILE_TARGET_TYPE EXECUTABLE)",
         "",
     ])
     path = ctx.work / "wasi-toolchain.cmake"
