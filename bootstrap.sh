@@ -14,6 +14,7 @@ APT_PACKAGES=(
   tcl xz-utils ca-certificates                         # SQLite's amalgamation generator, .tar.xz, TLS
   ccache                                               # compile results shared between builds
   libxml2-dev libsqlite3-dev libonig-dev zlib1g-dev libbz2-dev  # native reference PHP (invoke build php-<v> --native)
+  libssl-dev libzip-dev libxslt1-dev libgmp-dev libsodium-dev  # ... and its openssl, zip, xsl, gmp, sodium
   php-cli                                              # runs PHP's VM generator (Zend/zend_vm_gen.php) in PHP builds
   python3-venv
   docker-registry skopeo apache2-utils                 # the tests' OCI registry, its client and htpasswd

@@ -36,7 +36,8 @@ STALL_TIMEOUT = 360
 DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "ext/pcre/tests",
                 "ext/mbstring/tests", "ext/date/tests", "ext/spl/tests", "ext/sqlite3/tests",
                 "ext/pdo_sqlite/tests", "ext/fileinfo/tests", "ext/bz2/tests", "ext/calendar/tests",
-                "ext/exif/tests", "ext/phar/tests")
+                "ext/exif/tests", "ext/phar/tests", "ext/openssl/tests", "ext/zip/tests", "ext/xsl/tests",
+                "ext/soap/tests", "ext/gmp/tests", "ext/sodium/tests")
 # run-tests prints progress and results on the same line when its output is not a terminal.
 _RESULT = re.compile(r"\b(?P<kind>PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK) .*?\[(?P<file>[^\]\[]+\.phpt)\]")
 
