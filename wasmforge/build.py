@@ -344,7 +344,7 @@ def write_cmake_toolchain(ctx: BuildContext) -> Path:
         "set(CMAKE_FIND_ROOT_PATH_MODE_LIBRARY ONLY)",
         "set(CMAKE_FIND_ROOT_PATH_MODE_INCLUDE ONLY)",
         "set(CMAKE_FIND_ROOT_PATH_MODE_PACKAGE ONLY)",
-        # Checks link a real module: as static libraries they would not link at all, and every
+        # Checks link a real module: built as static libraries they are never linked, so every
         # check_function_exists would find functions that wasi-libc lacks (clonefile, dup, ...).
         "set(CMAKE_TRY_COMPILE_TARGET_TYPE EXECUTABLE)",
         "",
