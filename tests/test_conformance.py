@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from wasmforge.conformance import _RESULT, Counts, failure_cause, wasm_rate
+from wasmforge.conformance import _RESULT, Counts, failure_cause, plain_log, wasm_rate
 
 LOG = (
     "PASS Trivial [tests/basic/001.phpt] \n"
@@ -15,6 +15,15 @@ def test_results_are_read_even_behind_progress_text():
     found = [(m.group("kind"), m.group("file")) for m in _RESULT.finditer(LOG)]
     assert found == [("PASS", "tests/basic/001.phpt"), ("FAIL", "tests/basic/bug1.phpt"),
                      ("SKIP", "tests/basic/002.phpt")]
+
+
+def test_results_are_read_from_php_8s_coloured_log():
+    coloured = ("TEST 819/831 [1/2 concurrent test workers running]     \x1b[1;32mPASS\x1b[0m Test open_basedir "
+                "[tests/security/open_basedir_opendir.phpt] \n"
+                "TEST 820/831 [1/2 concurrent test workers running]     \x1b[1;31mFAIL\x1b[0m Bug [tests/basic/bug1.phpt] \n")
+    assert not list(_RESULT.finditer(coloured))  # what the first PHP 8.2 run reported: nothing
+    found = [(m.group("kind"), m.group("file")) for m in _RESULT.finditer(plain_log(coloured))]
+    assert found == [("PASS", "tests/security/open_basedir_opendir.phpt"), ("FAIL", "tests/basic/bug1.phpt")]
 
 
 def test_rate_is_the_share_of_native_passes_that_pass_in_wasm():

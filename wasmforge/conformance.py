@@ -40,6 +40,8 @@ DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "
                 "ext/soap/tests", "ext/gmp/tests", "ext/sodium/tests")
 # run-tests prints progress and results on the same line when its output is not a terminal.
 _RESULT = re.compile(r"\b(?P<kind>PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK) .*?\[(?P<file>[^\]\[]+\.phpt)\]")
+# PHP 8's run-tests colours its results ("\x1b[1;32mPASS\x1b[0m ...") even into a log file.
+_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 WRAPPER = """#!/bin/sh
 # Written by wasmforge: run {wasm} in wasmtime as if it were a native php binary, through
@@ -111,10 +113,15 @@ def run_directory(driver: Path, tested: Path, cgi: Path, tree: Path, directory: 
     return read_results(log_file, tree, directory)
 
 
+def plain_log(text: str) -> str:
+    """A run-tests log without its colour codes."""
+    return _COLOUR.sub("", text)
+
+
 def read_results(log_file: Path, tree: Path, directory: str) -> Counts:
     """Counts of one run-tests log; tests of the directory it never reported count as missing."""
     counts = Counts(failures=[], passes=[])
-    for m in _RESULT.finditer(log_file.read_text(errors="replace")):
+    for m in _RESULT.finditer(plain_log(log_file.read_text(errors="replace"))):
         kind = m.group("kind")
         if kind == "PASS":
             counts.passed += 1
