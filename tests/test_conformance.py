@@ -39,4 +39,5 @@ def test_failure_causes_are_classified():
     assert failure_cause("Warning: shell_exec(): Unable to execute 'ls'").startswith("processes")
     assert failure_cause("php_network_getaddresses: getaddrinfo failed").startswith("sockets")
     assert failure_cause("open(./x, O_RDWR) failed: No such file or directory").startswith("paths")
+    assert failure_cause("Fatal error: Uncaught FiberError: Fibers are not available on WASI: ...").startswith("Fibers")
     assert failure_cause("int(1)\nint(2)") == "other (output differs)"

@@ -171,6 +171,8 @@ def run_conformance(package: Package, config: Config, *, wasm: Path, native: Pat
 CAUSES = (
     ("trap in wasm (e.g. indirect call signature mismatch)", re.compile(r"wasm trap|trapped:")),
     ("killed by the runner's timeout", re.compile(r"killed by the timeout")),
+    ("Fibers (WebAssembly cannot switch C stacks; patches/php/8.2/0014)",
+     re.compile(r"Fibers are not available on WASI")),
     ("processes (exec, shell_exec, proc_open, popen, mail)",
      re.compile(r"Unable to (execute|fork)|proc_open|shell_exec|popen|sendmail|Cannot execute", re.I)),
     ("sockets and name resolution",
