@@ -163,6 +163,24 @@ def test_precompiled_module_is_used_and_mismatches_fall_back(modules, tmp_path):
     assert not result.precompiled and result.stdout == b"longjmp gave 42\n"
 
 
+def test_precompiled_code_is_uninterruptible_and_timeouts_still_hold(modules, tmp_path):
+    # Epoch interruption's checks cost PHP's VM a third of its speed: precompiled code goes without,
+    # a captured run with a timeout compiles its own interruptible code, a command line ends its process.
+    wasm = tmp_path / "prog.wasm"
+    shutil.copyfile(modules["prog"], wasm)
+    cwasm = precompile(wasm)
+    key = json.loads(cwasm.with_name(cwasm.name + ".json").read_text())
+    assert key["aot"]["engine"]["epoch_interruption"] is False
+    runner = Runner()
+    assert runner.run(wasm, ["prog", "exit", "0"], timeout=None).precompiled
+    looped = runner.run(wasm, ["prog", "loop"], timeout=0.5)
+    assert looped.timed_out and not looped.precompiled
+    assert runner.run(wasm, ["prog", "exit", "3"], timeout=5).exit_code == 3
+    result = subprocess.run([sys.executable, "-m", "wasmforge.run", str(wasm), "--timeout", "0.5", "--", "loop"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 134 and result.stderr == "prog: killed by the timeout after 0.5 s\n"
+
+
 def test_python_m_wasmforge_run_is_a_short_cli(modules, tmp_path):
     (tmp_path / "visible.txt").write_text("x")
     run = [sys.executable, "-m", "wasmforge.run", str(modules["prog"])]
@@ -197,6 +215,11 @@ def test_wasmforge_run_launcher_starts_precompiled_modules_without_python(module
     result = subprocess.run([launcher, "--dir", f"/data:{tmp_path / 'd'}", str(wasm), "ls", "/data"],
                             capture_output=True, text=True)
     assert result.stdout == "f.txt\n"
+    # Precompiled (uninterruptible) code that loops is ended with the process at the timeout.
+    result = subprocess.run([launcher, "--timeout", "0.5", str(wasm), "loop"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 134 and "precompiled" in result.stderr
+    assert result.stderr.endswith("wasmforge-run: killed by the timeout after 0.5 s\n")
     # Precompiled code of another wasmtime (here: damaged) is not loaded; the module is compiled.
     precompiled_path(wasm).write_bytes(b"\x7fELF not this wasmtime")
     result = subprocess.run([launcher, str(wasm), "exit", "3"], capture_output=True, text=True, env=env)

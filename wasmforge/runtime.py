@@ -10,6 +10,10 @@ matches its key file (`<name>.cwasm.json`), the key names the sha256 of the `.wa
 wasmtime, engine and CPU, and wasmtime loads the very file that was checked (its open descriptor).
 Digests are remembered per file state (verified.py), so an unchanged module is not hashed again.
 Otherwise the `.wasm` is compiled on the fly.
+
+A timeout stops a run whose output is captured through wasmtime's epoch interruption (that run's
+module is compiled for it); a run on our own standard streams ends the process at its timeout, so
+it keeps the faster uninterruptible code (see engine_settings).
 """
 
 from __future__ import annotations
@@ -36,10 +40,6 @@ from .verified import fd_sha256
 __all__ = ["RunResult", "Runner", "load_precompiled", "reserve_std_fds", "uses_exceptions"]
 
 TAG_SECTION = 13
-NO_DEADLINE = 1 << 62
-# After a timeout, how long a module blocked in a host call (reading stdin) is given before the
-# process is ended: epoch interruption only stops code that runs.
-BLOCKED_GRACE = 1.0
 
 
 class RunResult(NamedTuple):
@@ -123,13 +123,17 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:16]
 
 
-def engine_settings(exceptions: bool) -> dict[str, object]:
-    # Epoch interruption is always on so that every run can have a timeout; it is part of the
-    # precompiled module's key because wasmtime refuses code compiled with other settings.
-    return {"wasm_exceptions": exceptions, "epoch_interruption": True}
+def engine_settings(exceptions: bool, interruptible: bool = False) -> dict[str, object]:
+    # Epoch interruption lets a run be stopped in this process at its timeout, but its check on every
+    # loop back-edge cost 35% of Zend/bench.php with PHP's SWITCH VM (docs/benchmarks.md). So only
+    # runs that need it use it: a timeout on a run whose output we capture. A run that shares our
+    # standard streams owns the process and ends it at the timeout instead (as the launcher does).
+    return {"wasm_exceptions": exceptions, "epoch_interruption": interruptible}
 
 
 def aot_key(exceptions: bool) -> dict[str, object]:
+    """Precompiled code is for the uninterruptible engine (wasmtime refuses code compiled with other
+    settings): the one every run without a timeout, and every command-line run, uses."""
     return {"wasmtime": wasmtime_version(), "engine": engine_settings(exceptions),
             "arch": platform.machine(), "cpu": cpu_fingerprint()}
 
@@ -142,9 +146,9 @@ def aot_value_text(exceptions: bool) -> str:
 
 
 @cache
-def make_engine(exceptions: bool) -> wasmtime.Engine:
+def make_engine(exceptions: bool, interruptible: bool = False) -> wasmtime.Engine:
     config = wasmtime.Config()
-    for name, value in engine_settings(exceptions).items():
+    for name, value in engine_settings(exceptions, interruptible).items():
         setattr(config, name, value)
     return wasmtime.Engine(config)
 
@@ -219,34 +223,39 @@ class Runner:
 
     def __init__(self, use_precompiled: bool = True) -> None:
         self.use_precompiled = use_precompiled
-        self._modules: dict[Path, tuple[wasmtime.Module, bool, bool]] = {}
+        self._modules: dict[tuple[Path, bool], tuple[wasmtime.Module, bool, bool]] = {}
 
-    def load(self, wasm: Path) -> tuple[wasmtime.Module, bool, bool]:
-        """(module, needs exceptions, came from a precompiled file)."""
+    def load(self, wasm: Path, interruptible: bool = False) -> tuple[wasmtime.Module, bool, bool]:
+        """(module, needs exceptions, came from a precompiled file). Precompiled code exists for the
+        uninterruptible engine only: an interruptible run compiles the module (once per Runner)."""
         wasm = wasm.resolve()
-        if wasm in self._modules:
-            return self._modules[wasm]
+        if (wasm, interruptible) in self._modules:
+            return self._modules[wasm, interruptible]
         if not wasm.is_file():
             raise RunError(f"no module at {wasm}", hint="build it first: invoke build <package>-<version>")
         exceptions = uses_exceptions(wasm)
-        engine = make_engine(exceptions)
-        module = load_precompiled(wasm, engine, exceptions) if self.use_precompiled else None
+        engine = make_engine(exceptions, interruptible)
+        use_precompiled = self.use_precompiled and not interruptible
+        module = load_precompiled(wasm, engine, exceptions) if use_precompiled else None
         precompiled = module is not None
         if module is None:
             try:
                 module = wasmtime.Module.from_file(engine, str(wasm))
             except wasmtime.WasmtimeError as exc:
                 raise RunError(f"wasmtime cannot compile {wasm}", details=str(exc)) from None
-        self._modules[wasm] = (module, exceptions, precompiled)
-        return self._modules[wasm]
+        self._modules[wasm, interruptible] = (module, exceptions, precompiled)
+        return self._modules[wasm, interruptible]
 
     def run(self, wasm: Path, argv: list[str], *, env: dict[str, str] | None = None,
             dirs: list[tuple[str, Path]] | None = None, stdin: bytes | None = None,
             timeout: float | None = None, memory_limit: int | None = None,
             capture: bool = True) -> RunResult:
         reserve_std_fds()
-        module, exceptions, precompiled = self.load(wasm)
-        engine = make_engine(exceptions)
+        # Captured output belongs to our caller, who lives on: such a run is stopped inside the
+        # process. A run on our own standard streams owns the process and ends it at the timeout.
+        interruptible = bool(timeout) and capture
+        module, exceptions, precompiled = self.load(wasm, interruptible)
+        engine = make_engine(exceptions, interruptible)
         store = wasmtime.Store(engine)
         if memory_limit:
             store.set_limits(memory_size=memory_limit)
@@ -287,27 +296,27 @@ class Runner:
 
             fired = threading.Event()
             timer = None
-            if timeout:
+            if interruptible:
                 store.set_epoch_deadline(1)
 
-                finished = threading.Event()
-
                 def interrupt() -> None:
+                    # With captured I/O the module's input is a file, which cannot block it in a host
+                    # call past the epoch check.
                     fired.set()
                     engine.increment_epoch()
-                    # A module blocked in a host call (reading an idle stdin) never reaches an epoch
-                    # check. With captured I/O its input is a file, which cannot block; a program
-                    # that shares our terminal or pipe ends the process, as a shell's timeout would.
-                    if not capture and not finished.wait(BLOCKED_GRACE):
-                        sys.stdout.flush()
-                        os.write(2, f"{Path(argv[0]).name}: killed by the timeout after {timeout:g} s "
-                                    "(blocked in a host call)\n".encode())
-                        os._exit(134)
 
-                timer = threading.Timer(timeout, interrupt)
+                timer = threading.Timer(timeout or 0.0, interrupt)
                 timer.daemon = True
-            else:
-                store.set_epoch_deadline(NO_DEADLINE)
+            elif timeout:
+
+                def end_process() -> None:
+                    # As a shell's timeout would: running or blocked in a host call (an idle stdin).
+                    sys.stdout.flush()
+                    os.write(2, f"{Path(argv[0]).name}: killed by the timeout after {timeout:g} s\n".encode())
+                    os._exit(134)
+
+                timer = threading.Timer(timeout, end_process)
+                timer.daemon = True
             start = time.perf_counter()
             exit_code: int | None = 0
             trap = None
@@ -335,7 +344,6 @@ class Runner:
                 trap = str(exc)
             finally:
                 if timer:
-                    finished.set()
                     timer.cancel()
             duration = time.perf_counter() - start
             return RunResult(
