@@ -296,26 +296,24 @@ class Runner:
 
             fired = threading.Event()
             timer = None
-            if interruptible:
-                store.set_epoch_deadline(1)
+            if timeout:
+                if interruptible:
+                    store.set_epoch_deadline(1)
 
-                def interrupt() -> None:
-                    # With captured I/O the module's input is a file, which cannot block it in a host
-                    # call past the epoch check.
-                    fired.set()
-                    engine.increment_epoch()
+                    def on_timeout() -> None:
+                        # With captured I/O the module's input is a file, which cannot block it in a
+                        # host call past the epoch check.
+                        fired.set()
+                        engine.increment_epoch()
+                else:
 
-                timer = threading.Timer(timeout or 0.0, interrupt)
-                timer.daemon = True
-            elif timeout:
+                    def on_timeout() -> None:
+                        # As a shell's timeout would: running or blocked in a host call (an idle stdin).
+                        sys.stdout.flush()
+                        os.write(2, f"{Path(argv[0]).name}: killed by the timeout after {timeout:g} s\n".encode())
+                        os._exit(134)
 
-                def end_process() -> None:
-                    # As a shell's timeout would: running or blocked in a host call (an idle stdin).
-                    sys.stdout.flush()
-                    os.write(2, f"{Path(argv[0]).name}: killed by the timeout after {timeout:g} s\n".encode())
-                    os._exit(134)
-
-                timer = threading.Timer(timeout, end_process)
+                timer = threading.Timer(timeout, on_timeout)
                 timer.daemon = True
             start = time.perf_counter()
             exit_code: int | None = 0
