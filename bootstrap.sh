@@ -15,6 +15,7 @@ APT_PACKAGES=(
   ccache                                               # compile results shared between builds
   libxml2-dev libsqlite3-dev libonig-dev zlib1g-dev libbz2-dev  # native reference PHP (invoke build php-<v> --native)
   libssl-dev libzip-dev libxslt1-dev libgmp-dev libsodium-dev  # ... and its openssl, zip, xsl, gmp, sodium
+  libpng-dev libjpeg-dev libwebp-dev libfreetype-dev   # ... and its gd
   php-cli                                              # runs PHP's VM generator (Zend/zend_vm_gen.php) in PHP builds
   python3-venv
   docker-registry skopeo apache2-utils                 # the tests' OCI registry, its client and htpasswd

@@ -37,7 +37,7 @@ DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "
                 "ext/mbstring/tests", "ext/date/tests", "ext/spl/tests", "ext/sqlite3/tests",
                 "ext/pdo_sqlite/tests", "ext/fileinfo/tests", "ext/bz2/tests", "ext/calendar/tests",
                 "ext/exif/tests", "ext/phar/tests", "ext/openssl/tests", "ext/zip/tests", "ext/xsl/tests",
-                "ext/soap/tests", "ext/gmp/tests", "ext/sodium/tests", "ext/iconv/tests")
+                "ext/soap/tests", "ext/gmp/tests", "ext/sodium/tests", "ext/iconv/tests", "ext/gd/tests")
 # run-tests prints progress and results on the same line when its output is not a terminal.
 _RESULT = re.compile(r"\b(?P<kind>PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK) .*?\[(?P<file>[^\]\[]+\.phpt)\]")
 # PHP 8's run-tests colours its results ("\x1b[1;32mPASS\x1b[0m ...") even into a log file.
