@@ -9,6 +9,7 @@ cd "$(dirname "$0")"
 
 APT_PACKAGES=(
   clang-22 lld-22 llvm-22 libclang-rt-22-dev-wasm32   # the WASI cross compiler, linker and tools
+  libc++-22-dev-wasm32 libc++abi-22-dev-wasm32        # C++ for WASI (ICU, PHP's intl)
   make patch pkgconf cmake autoconf automake libtool   # build drivers, autoreconf of git-shaped sources
   autotools-dev                                        # a config.sub that knows wasm32-wasip1
   tcl xz-utils ca-certificates                         # SQLite's amalgamation generator, .tar.xz, TLS
@@ -16,6 +17,7 @@ APT_PACKAGES=(
   libxml2-dev libsqlite3-dev libonig-dev zlib1g-dev libbz2-dev  # native reference PHP (invoke build php-<v> --native)
   libssl-dev libzip-dev libxslt1-dev libgmp-dev libsodium-dev  # ... and its openssl, zip, xsl, gmp, sodium
   libpng-dev libjpeg-dev libwebp-dev libfreetype-dev   # ... and its gd
+  libicu-dev                                           # ... and its intl
   php-cli                                              # runs PHP's VM generator (Zend/zend_vm_gen.php) in PHP builds
   python3-venv
   docker-registry skopeo apache2-utils                 # the tests' OCI registry, its client and htpasswd

@@ -187,6 +187,54 @@ def test_cmake_driver(project, toolchain):
     assert all(t["passed"] for t in read_manifest(results[-1].output)["tests"])
 
 
+CXX_MAIN = """\
+#include <algorithm>
+#include <cstdio>
+#include <map>
+#include <string>
+#include <vector>
+int main(int argc, char **argv) {
+    std::vector<std::string> words(argv + 1, argv + argc);
+    std::sort(words.begin(), words.end());
+    std::map<std::string, int> counts;
+    for (const auto &w : words) counts[w]++;
+    std::string out;
+    for (const auto &[w, n] : counts) out += w + "=" + std::to_string(n) + " ";
+    std::printf("%s\\n", out.c_str());
+    return 0;
+}
+"""
+
+
+def test_cxx_build_in_a_subdirectory_links_libcxx_even_when_asked_for_libstdcxx(project, toolchain):
+    # A make project whose build system lives in src/ (`subdir`), written in C++ (`cxx`), linking
+    # -lstdc++ as configure scripts do: libc++ for WASI stands behind that name.
+    sha = _source(project, "words", "1.0", {
+        "README": "top of the source tree\n",
+        "src/words.cpp": CXX_MAIN,
+        "src/Makefile": "words: words.cpp\n\t$(CXX) $(CXXFLAGS) $(LDFLAGS) words.cpp -o words -lstdc++ $(LIBS)\n",
+    })
+    project.recipe("words", _recipe("words", sha, """\
+        build:
+          system: make
+          subdir: src
+          cxx: true
+          cflags: [-O2]
+          make: [words]
+          install: []
+        outputs:
+          words: words
+        tests:
+          - run: [words, wasi, c++, wasi]
+            stdout: "c++=1 wasi=2 \\n"
+        """))
+    results, _ = _build(project, toolchain, "words")
+    manifest = read_manifest(results[-1].output)
+    assert all(t["passed"] for t in manifest["tests"])
+    # libc++ counts in the key of a C++ build.
+    assert "libc++" in manifest["inputs"]["cxx"]
+
+
 def test_compile_failure_shows_log_tail_and_path_and_leaves_no_output(project, toolchain):
     sha = _source(project, "hello", "1.0", {"hello.c": "int main(void) { return undefined_thing; }\n",
                                             "Makefile": MAKEFILE})

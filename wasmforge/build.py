@@ -26,7 +26,7 @@ from typing import Any
 from .config import Config
 from .errors import BuildError
 from .recipe import Package
-from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, HostToolchain, Toolchain
+from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, CxxLibrary, HostToolchain, Toolchain, cxx_library
 from .verified import file_sha256
 
 Log = Callable[[str], None]
@@ -131,6 +131,16 @@ class BuildContext:
             path.write_text(script)
             path.chmod(0o755)
 
+    def write_cxx_aliases(self) -> None:
+        """libstdc++.a, the name configure scripts link (PHP adds -lstdc++), as libc++ for WASI."""
+        if not self.cxx:
+            return
+        lib = self.cxx.lib or self.toolchain.sysroot / "lib" / TARGET
+        alias_dir = self.tools_dir / "cxx"
+        alias_dir.mkdir(parents=True, exist_ok=True)
+        (alias_dir / "libstdc++.a").unlink(missing_ok=True)
+        (alias_dir / "libstdc++.a").symlink_to(lib / "libc++.a")
+
     @property
     def ccache_stats(self) -> Path:
         return self.work / "ccache-stats.log"
@@ -143,11 +153,23 @@ class BuildContext:
         return shutil.which("ccache")
 
     @property
+    def project_dir(self) -> Path:
+        """The directory of the source that holds the build system (the recipe's `subdir`, or the top)."""
+        return self.src / self.package.build.get("subdir", ".")
+
+    @property
     def build_dir(self) -> Path:
         """Where the build runs, and what recipe `outputs` paths are relative to."""
         if self.package.build["system"] == "cmake" or not self.package.build.get("in_source", True):
             return self.work / "build"
-        return self.src
+        return self.project_dir
+
+    @cached_property
+    def cxx(self) -> CxxLibrary | None:
+        """libc++ for a WASI build with C++ (`build.cxx`); native builds use the build machine's."""
+        if self.package.native or not self.package.build.get("cxx") or not isinstance(self.toolchain, Toolchain):
+            return None
+        return cxx_library(self.config, self.toolchain)
 
     @cached_property
     def flags(self) -> dict[str, list[str]]:
@@ -173,7 +195,16 @@ class BuildContext:
             # ones, so a build in another directory or store gives the same bytes.
             cflags += [f"-ffile-prefix-map={self.work}=/build"] + [
                 f"-ffile-prefix-map={prefix}=/deps/{name}" for name, prefix in sorted(self.deps.items())]
-        return {"cflags": cflags, "ldflags": ldflags, "libs": libs}
+        cxxflags = list(cflags)
+        if self.cxx:
+            cxxflags += self.cxx.cflags()
+            if self.cxx.lib:
+                ldflags.append(f"-L{self.cxx.lib}")
+            # GNU's name for the C++ library, which configure scripts add (PHP's PHP_REQUIRE_CXX):
+            # here it is libc++ (tools_dir/cxx, written by write_cxx_aliases).
+            ldflags.append(f"-L{self.tools_dir / 'cxx'}")
+            libs += ["-lc++", "-lc++abi"]
+        return {"cflags": cflags, "cxxflags": cxxflags, "ldflags": ldflags, "libs": libs}
 
     def template_context(self) -> dict[str, Any]:
         """What build templates can use: tools, joined flags, paths, jobs, dependency prefixes."""
@@ -214,7 +245,7 @@ class BuildContext:
             # Joined with plain spaces: configure scripts and makefiles split these on white space
             # and never undo shell quoting.
             "CFLAGS": " ".join(flags["cflags"]),
-            "CXXFLAGS": " ".join(flags["cflags"]),
+            "CXXFLAGS": " ".join(flags["cxxflags"]),
             "LDFLAGS": " ".join(flags["ldflags"]),
             "LIBS": " ".join(flags["libs"]),
             "PREFIX": str(self.prefix),
@@ -252,6 +283,7 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     bdir = ctx.build_dir
     write_env_script(ctx, env)
     ctx.write_pkg_config()
+    ctx.write_cxx_aliases()
     # Installs run one job at a time: many projects' install rules race when run in parallel.
     install_env = {k: v for k, v in env.items() if k != "MAKEFLAGS"}
     steps: list[Step] = []
@@ -263,7 +295,7 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     if system == "autotools":
         cross = [] if ctx.package.native else [f"--host={TARGET}", f"--build={_build_triple()}"]
         # Relative when it can be: PHP records its configure line (php -i), which must not name the host.
-        script = "./configure" if bdir == ctx.src else str(ctx.src / "configure")
+        script = "./configure" if bdir == ctx.project_dir else str(ctx.project_dir / "configure")
         configure = [script, *cross, f"--prefix={ctx.prefix}", *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]
         steps += [Step("configure", tuple(configure), bdir, env, ("build", "configure")),
                   Step("make", ("make", *make_jobs, *make_args), bdir, env, ("build", "make"))]
@@ -278,7 +310,7 @@ def plan_steps(ctx: BuildContext) -> list[Step]:
     elif system == "cmake":
         toolchain_file = write_cmake_toolchain(ctx)
         build_dir = ctx.build_dir
-        configure = ["cmake", "-S", str(ctx.src), "-B", str(build_dir), "-G", "Unix Makefiles",
+        configure = ["cmake", "-S", str(ctx.project_dir), "-B", str(build_dir), "-G", "Unix Makefiles",
                      f"-DCMAKE_TOOLCHAIN_FILE={toolchain_file}", f"-DCMAKE_INSTALL_PREFIX={ctx.prefix}",
                      "-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF",
                      *[str(a) for a in ctx.render(("configure",), build.get("configure", []))]]

@@ -58,7 +58,7 @@ from .store import ArtifactStore, differences, exclusive_lock, file_record, walk
 
 __all__ = ["BuildResult", "PackageOutcome", "build_target", "explain", "output_dir", "plan", "read_manifest",
            "stored_output"]
-from .toolchain import HostToolchain, Toolchain, ensure_host_packages
+from .toolchain import HostToolchain, Toolchain, cxx_library, ensure_host_packages
 
 Log = Callable[[str], None]
 # Bump when the build logic changes in a way that changes outputs or entries.
@@ -91,7 +91,7 @@ def wasm_opt_flags(package: Package) -> list[str]:
 
 
 def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches: list[Patch], dep_keys: dict[str, str],
-                 *, debug: bool = False) -> dict[str, Any]:
+                 *, debug: bool = False, cxx: str | None = None) -> dict[str, Any]:
     """Everything that can change a build's output; the build key is their digest.
 
     The recipe counts as rendered for this version and flavor (its build section and outputs), so
@@ -113,6 +113,8 @@ def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches
         "optimize": {"wasm_opt": wasm_opt_flags(package), "debug": debug},
         "dependencies": dep_keys,
         "source_date_epoch": package.source_date_epoch,
+        # Only C++ builds name libc++ (an absent key leaves every other build's key as it was).
+        **({"cxx": cxx} if cxx else {}),
     }
 
 
@@ -129,7 +131,10 @@ def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain 
         deps = book.dependency_targets(package.recipe, t.native, t.flavor)
         patches = patch_series(config.patches_dir, package.name, package.patch_series,
                                where=package.recipe.where(("versions", package.version, "patches")))
-        inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps}, debug=config.debug)
+        cxx = (cxx_library(config, toolchain).identity
+               if package.build.get("cxx") and not package.native and isinstance(toolchain, Toolchain) else None)
+        inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps}, debug=config.debug,
+                              cxx=cxx)
         keys[t.name] = build_key(inputs)
         planned.append(PlannedBuild(package, patches, inputs, keys[t.name]))
     return planned

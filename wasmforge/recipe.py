@@ -1090,6 +1090,10 @@ _build_fields: dict[str, Check] = {
     "env": _map_of(_is_scalar_arg),
     "exceptions": _is_bool,
     "in_source": _is_bool,
+    # The directory of the unpacked source that holds the build system (ICU's is source/).
+    "subdir": _is_relative_path,
+    # The package has C++: CXXFLAGS name libc++ for WASI, and links take libc++ and libc++abi.
+    "cxx": _is_bool,
     # wasm-opt's flags for the outputs (default [-O2]; [-Oz] for size; [] for none).
     "wasm_opt": _list_of(_is_str),
     # The install prefix as the module will see it (e.g. /usr/local): what a program compiles in

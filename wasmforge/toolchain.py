@@ -225,6 +225,45 @@ def _write_wrappers(config: Config, root: Path, sysroot: Path) -> Path:
     return directory
 
 
+# ----------------------------------------------------------------------------- C++
+
+@dataclass(frozen=True)
+class CxxLibrary:
+    """The C++ standard library for WASI builds: libc++ and libc++abi, without exceptions or threads."""
+
+    include: Path | None  # None: clang finds the headers in the sysroot (a WASI SDK)
+    lib: Path | None
+    identity: str  # what goes into the build key of a C++ build
+
+    def cflags(self) -> list[str]:
+        # libc++ for WASI is built without exceptions: C++ code compiled with them would need
+        # __cxa_throw, which it lacks.
+        flags = ["-fno-exceptions"]
+        if self.include:
+            flags = ["-nostdinc++", "-isystem", str(self.include), *flags]
+        return flags
+
+
+def cxx_library(config: Config, toolchain: Toolchain, *, log: Log = print) -> CxxLibrary:
+    """libc++ for `toolchain`: the WASI SDK's own, or Debian's libc++-NN-dev-wasm32 (installed on first use)."""
+    if (toolchain.sysroot / "include" / TARGET / "c++" / "v1").is_dir():
+        return CxxLibrary(include=None, lib=None, identity=f"the sysroot's libc++ ({toolchain.kind})")
+    if toolchain.kind != "debian":
+        raise ToolchainError(f"the toolchain in {toolchain.root} has no C++ standard library for WASI",
+                             hint="use a WASI SDK (it ships libc++) or the Debian toolchain: invoke toolchain --install")
+    pins = load_pins(config)["debian"]
+    packages = pins.get("cxx_packages", [])
+    ensure_host_packages(packages, why="C++ for WASI (libc++)", log=log)
+    llvm = Path(f"/usr/lib/llvm-{pins['llvm']}")
+    # Debian's multiarch name for the target (the sysroot's is wasm32-wasip1: the same ABI).
+    include, lib = llvm / "include" / "wasm32-wasi" / "c++" / "v1", llvm / "lib" / "wasm32-wasi"
+    if not (include / "__config_site").is_file() or not (lib / "libc++.a").is_file():
+        raise ToolchainError(f"{' '.join(packages)} are installed but {include} or {lib / 'libc++.a'} is missing",
+                             hint=f"reinstall them: apt-get install --reinstall {' '.join(packages)}")
+    return CxxLibrary(include=include, lib=lib,
+                      identity=" ".join(f"{p} {_deb_version(p)}" for p in packages))
+
+
 # ----------------------------------------------------------------------------- wasm-opt
 
 TOOL_IDENTITY = "wasmforge-tool.json"
