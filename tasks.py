@@ -236,7 +236,7 @@ def test(ctx, target, flavor=None):
 
 
 @task(iterable=["dir", "env"], help={
-    "dir": "GUEST:HOST directory to preopen, e.g. /data:./data (repeatable)",
+    "dir": "GUEST:HOST directory to preopen, e.g. /data:./data; GUEST:HOST:ro read-only (repeatable)",
     "env": "K=V environment variable for the module (repeatable; the environment is empty otherwise)",
     "program": "which program of the package (default: its first output)",
     "timeout": "stop the module after this many seconds",
@@ -247,7 +247,7 @@ def test(ctx, target, flavor=None):
 def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None, no_precompiled=False):
     """Run a built program: invoke run lua-5.4.7 -- -e "print(1+1)"."""
     from wasmforge.outputs import built_target
-    from wasmforge.run import parse_dir, parse_env
+    from wasmforge.run import parse_dir, parse_env, split_dirs
     from wasmforge.runtime import Runner
     seconds = _number("--timeout", timeout, maximum=MAX_SECONDS)
     mib = _number("--memory", memory, integer=True, maximum=4096)  # wasm32 addresses 4 GiB
@@ -264,11 +264,12 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
     if name not in programs:
         raise WasmforgeError(f"{target} has no program {name!r}",
                              hint=f"programs: {', '.join(programs) or 'none'}")
-    dirs = [parse_dir(spec) for spec in dir or []]
+    dirs, readonly = split_dirs([parse_dir(spec) for spec in dir or []])
     variables = dict(parse_env(item) for item in env or [])
     runner = Runner(use_precompiled=not no_precompiled)
     result = runner.run(out / programs[name], [name, *_remainder(ctx)], env=variables, dirs=dirs,
-                        timeout=seconds, memory_limit=int(mib) * 1024 * 1024 if mib else None, capture=False)
+                        timeout=seconds, memory_limit=int(mib) * 1024 * 1024 if mib else None, capture=False,
+                        readonly_dirs=readonly)
     if result.timed_out or result.trap:
         print(f"{name}: {result.describe()}", file=sys.stderr)
     raise Exit(code=result.status)

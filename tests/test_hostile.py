@@ -302,6 +302,8 @@ def test_source_file_names_must_be_plain(project, source, message):
 @pytest.mark.parametrize("test, message", [
     ("{run: [x], dirs: {/etc: /etc}}", "outside this checkout"),
     ("{run: [x], dirs: {/up: ../../..}}", "outside this checkout"),
+    ("{run: [x], dirs: {/up: 'build:../..'}}", "not a relative path inside the build"),
+    ("{run: [x], dirs: {/etc: 'build:/etc'}}", "not a relative path inside the build"),
     ("{run: [x], scratch: {../../escape.txt: hi}}", "must be a relative path inside /scratch"),
     ("{run: [x], files: {/etc/passwd: root}}", "must be a relative path inside /scratch"),
 ])

@@ -40,6 +40,12 @@ int main(int argc, char **argv) {
         while ((c = getchar()) != EOF) putchar(toupper_ascii(c));
         return 0;
     }
+    if (argc > 1 && strcmp(argv[1], "write") == 0) {
+        FILE *f = fopen(argv[2], "w");
+        if (!f) { perror(argv[2]); return 5; }
+        fputs("written\n", f);
+        return fclose(f) == 0 ? 0 : 5;
+    }
     if (argc > 1 && strcmp(argv[1], "loop") == 0) { volatile unsigned long i = 0; for (;;) i++; }
     if (argc > 1 && strcmp(argv[1], "alloc") == 0) {
         size_t size = (size_t)atoi(argv[2]) * 1024 * 1024;
@@ -181,6 +187,18 @@ def test_precompiled_code_is_uninterruptible_and_timeouts_still_hold(modules, tm
     assert result.returncode == 134 and result.stderr == "prog: killed by the timeout after 0.5 s\n"
 
 
+def test_a_read_only_preopen_can_be_read_but_not_changed(modules, tmp_path):
+    (tmp_path / "visible.txt").write_text("x")
+    runner = Runner()
+    listed = runner.run(modules["prog"], ["prog", "ls", "/data"], readonly_dirs=[("/data", tmp_path)])
+    assert listed.stdout == b"visible.txt\n"
+    refused = runner.run(modules["prog"], ["prog", "write", "/data/new.txt"], readonly_dirs=[("/data", tmp_path)])
+    assert refused.exit_code == 5 and b"/data/new.txt" in refused.stderr
+    assert not (tmp_path / "new.txt").exists()
+    written = runner.run(modules["prog"], ["prog", "write", "/data/new.txt"], dirs=[("/data", tmp_path)])
+    assert written.exit_code == 0 and (tmp_path / "new.txt").read_text() == "written\n"
+
+
 def test_python_m_wasmforge_run_is_a_short_cli(modules, tmp_path):
     (tmp_path / "visible.txt").write_text("x")
     run = [sys.executable, "-m", "wasmforge.run", str(modules["prog"])]
@@ -188,11 +206,13 @@ def test_python_m_wasmforge_run_is_a_short_cli(modules, tmp_path):
     assert result.stdout == "A=1\n1 variables\n" and result.returncode == 0
     result = subprocess.run([*run, "--dir", f"/data:{tmp_path}", "--", "ls", "/data"], capture_output=True, text=True)
     assert result.stdout == "visible.txt\n"
+    result = subprocess.run([*run, "--dir", f"/data:{tmp_path}:ro", "--", "write", "/data/x"], capture_output=True)
+    assert result.returncode == 5 and not (tmp_path / "x").exists()
     assert subprocess.run([*run, "--", "exit", "255"], capture_output=True).returncode == 255
     result = subprocess.run([*run, "--timeout", "0.5", "--", "loop"], capture_output=True, text=True)
     assert result.returncode == 134 and "killed by the timeout" in result.stderr
     result = subprocess.run([*run, "--dir", "relative:x", "--", "ls"], capture_output=True, text=True)
-    assert result.returncode == 1 and "expected GUEST:HOST with an absolute guest path" in result.stderr
+    assert result.returncode == 1 and "expected GUEST:HOST[:ro] with an absolute guest path" in result.stderr
 
 
 def test_wasmforge_run_launcher_starts_precompiled_modules_without_python(modules, tmp_path, toolchain):

@@ -543,12 +543,18 @@ class TestStep:
     exit: int = 0
 
 
+BUILD_DIR_PREFIX = "build:"
+
+
 @dataclass(frozen=True)
 class SmokeTest:
     name: str
     steps: tuple[TestStep, ...]
     where: str
     dirs: tuple[tuple[str, Path], ...] = ()
+    # Directories of the build's own install (guest path, path relative to the install), e.g. the
+    # data files a program reads at run time: `dirs: {/usr/local/share/icu: "build:share/icu"}`.
+    build_dirs: tuple[tuple[str, str], ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     scratch: tuple[tuple[str, str], ...] = ()
     files: tuple[tuple[str, Expect], ...] = ()
@@ -757,7 +763,16 @@ class Recipe:
             for s in steps_raw)
         fixtures = self.file.parent
         checkout = fixtures.parent.resolve()
+        own = {g: h.removeprefix(BUILD_DIR_PREFIX) for g, h in t.get("dirs", {}).items()
+               if str(h).startswith(BUILD_DIR_PREFIX)}
+        for guest, rel in own.items():
+            parts = rel.split("/")
+            if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+                raise self.doc.error(path + ("dirs", guest), f"{rel!r} is not a relative path inside the build",
+                                     hint=f"e.g. {BUILD_DIR_PREFIX}share/icu (a directory the build installs)")
         for guest, host in t.get("dirs", {}).items():
+            if guest in own:
+                continue
             if Path(host).is_absolute() or not (fixtures / host).resolve().is_relative_to(checkout):
                 raise self.doc.error(path + ("dirs", guest), f"{host!r} is outside this checkout",
                                      hint="smoke tests may preopen directories of the checkout only "
@@ -771,7 +786,8 @@ class Recipe:
             name=t.get("name") or " ".join(steps[0].run)[:60],
             steps=steps,
             where=self.where(path),
-            dirs=tuple((g, (fixtures / h).resolve()) for g, h in t.get("dirs", {}).items()),
+            dirs=tuple((g, (fixtures / h).resolve()) for g, h in t.get("dirs", {}).items() if g not in own),
+            build_dirs=tuple(own.items()),
             env=tuple((k, str(v)) for k, v in t.get("env", {}).items()),
             scratch=tuple((k, str(v)) for k, v in t.get("scratch", {}).items()),
             files=tuple((k, e) for k, v in t.get("files", {}).items() if (e := _expect(v)) is not None),

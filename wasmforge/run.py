@@ -1,7 +1,7 @@
 """The shortest way to run a built module from a shell: `python -m wasmforge.run MODULE [options] -- ARGS`.
 
 It loads only the runner (no recipes, no invoke), uses the precompiled module next to MODULE when
-its key matches, and exits with the program's status. Options: --dir GUEST:HOST, --env K=V,
+its key matches, and exits with the program's status. Options: --dir GUEST:HOST[:ro] (:ro: read-only), --env K=V,
 --timeout SECONDS.
 """
 
@@ -76,11 +76,18 @@ def _aot_header() -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse_dir(spec: str) -> tuple[str, Path]:
+def parse_dir(spec: str) -> tuple[str, Path, bool]:
+    """--dir GUEST:HOST[:ro]: the guest path, the host directory, and whether the guest may change it."""
     guest, sep, host = spec.partition(":")
     if not sep or not guest.startswith("/"):
-        raise WasmforgeError(f"--dir {spec!r}: expected GUEST:HOST with an absolute guest path, e.g. /data:./data")
-    return guest, Path(host).resolve()
+        raise WasmforgeError(f"--dir {spec!r}: expected GUEST:HOST[:ro] with an absolute guest path, e.g. /data:./data")
+    host, readonly = (host[:-3], True) if host.endswith(":ro") else (host, False)
+    return guest, Path(host).resolve(), not readonly
+
+
+def split_dirs(specs: list[tuple[str, Path, bool]]) -> tuple[list[tuple[str, Path]], list[tuple[str, Path]]]:
+    """Parsed --dir options as (writable, read-only) lists for Runner.run."""
+    return [(g, h) for g, h, w in specs if w], [(g, h) for g, h, w in specs if not w]
 
 
 def parse_env(item: str) -> tuple[str, str]:
@@ -112,7 +119,7 @@ def main(args: list[str]) -> int:
         print(__doc__, file=sys.stderr)
         return 2
     module = Path(options[0])
-    dirs: list[tuple[str, Path]] = []
+    dirs: list[tuple[str, Path, bool]] = []
     env: dict[str, str] = {}
     timeout: float | None = None
     rest = iter(options[1:])
@@ -128,8 +135,9 @@ def main(args: list[str]) -> int:
             else:
                 timeout = positive_number("--timeout", value, maximum=MAX_SECONDS)
         check_stored_module(module)
-        result = Runner().run(module, [module.stem, *program_args], env=env, dirs=dirs, timeout=timeout,
-                              capture=False)
+        writable, readonly = split_dirs(dirs)
+        result = Runner().run(module, [module.stem, *program_args], env=env, dirs=writable, timeout=timeout,
+                              capture=False, readonly_dirs=readonly)
     except WasmforgeError as exc:
         print(f"error: {exc.render()}", file=sys.stderr)
         return 1

@@ -249,7 +249,7 @@ class Runner:
     def run(self, wasm: Path, argv: list[str], *, env: dict[str, str] | None = None,
             dirs: list[tuple[str, Path]] | None = None, stdin: bytes | None = None,
             timeout: float | None = None, memory_limit: int | None = None,
-            capture: bool = True) -> RunResult:
+            capture: bool = True, readonly_dirs: list[tuple[str, Path]] | None = None) -> RunResult:
         reserve_std_fds()
         # Captured output belongs to our caller, who lives on: such a run is stopped inside the
         # process. A run on our own standard streams owns the process and ends it at the timeout.
@@ -263,10 +263,11 @@ class Runner:
             wasi = wasmtime.WasiConfig()
             wasi.argv = argv
             wasi.env = list((env or {}).items())
-            for guest, host in dirs or []:
+            preopens = [(g, h, True) for g, h in dirs or []] + [(g, h, False) for g, h in readonly_dirs or []]
+            for guest, host, writable in preopens:
                 if not Path(host).is_dir():
                     raise RunError(f"cannot preopen {host} as {guest}: not a directory")
-                wasi.preopen_dir(str(host), guest)
+                wasi.preopen_dir(str(host), guest, fs_mutable=writable)
             out, err = (Path(tmp, "stdout"), Path(tmp, "stderr")) if tmp and capture else (None, None)
             if tmp and stdin is not None:
                 Path(tmp, "stdin").write_bytes(stdin)

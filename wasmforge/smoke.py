@@ -48,9 +48,13 @@ def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner) -> TestOutcom
             (scratch / name).parent.mkdir(parents=True, exist_ok=True)
             (scratch / name).write_text(content)
         dirs = [(SCRATCH, scratch)] + [(g, h) for g, h in test.dirs]
+        # bin_dir is <install>/bin: the build's own directories are beside it, read-only (a stored
+        # build must not change under a test).
+        own = [(g, bin_dir.parent / rel) for g, rel in test.build_dirs]
         for index, step in enumerate(test.steps):
             label = f"step {index + 1} `{' '.join(step.run)}`" if len(test.steps) > 1 else f"`{' '.join(step.run)}`"
             result = runner.run(bin_dir / f"{step.run[0]}.wasm", list(step.run), env=dict(test.env), dirs=dirs,
+                                readonly_dirs=own,
                                 stdin=step.stdin.encode() if step.stdin is not None else None,
                                 timeout=test.timeout)
             total += result.duration
