@@ -26,7 +26,7 @@ from test_build import _recipe, _source
 from wasmforge.config import Config
 from wasmforge.errors import RecipeError
 from wasmforge.extract import extract_archive
-from wasmforge.pipeline import plan
+from wasmforge.pipeline import build_target, plan
 from wasmforge.recipe import LicenseFile, RecipeBook, load_recipe
 from wasmforge.release import (
     PackagedFile,
@@ -443,3 +443,32 @@ def test_verify_rebuild_reproduces_the_lua_package(lua_build, lua_dist, tmp_path
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok: lua-5.4.7: rebuilt from nothing, its modules are identical" in result.stdout
     assert not (tmp_path / "out" / ".verify-rebuild" / LUA).exists()
+
+
+def test_a_package_carries_the_data_files_its_programs_read(project, toolchain):
+    # A program installed at a guest prefix with a data file in share/ (as PHP ships ICU's data).
+    sha = _source(project, "greeter", "1.0", {
+        "hello.c": '#include <stdio.h>\nint main(void) { puts("hello"); return 0; }\n',
+        "Makefile": "hello: hello.c\n\t$(CC) $(CFLAGS) $(LDFLAGS) hello.c -o hello $(LIBS)\n",
+        "LICENSE": "MIT License, for a test\n",
+    })
+    project.recipe("greeter", _recipe("greeter", sha, extra_version="    released: \"2026-12-01\"", body="""\
+        license_files: [LICENSE]
+        build:
+          system: make
+          prefix: /usr/local
+          make: [hello]
+          install: []
+          script:
+            - mkdir -p ${{ staged_prefix }}/share/greeter && printf 'greetings\\n' > ${{ staged_prefix }}/share/greeter/words.txt
+        outputs:
+          hello: hello
+        """))
+    book = RecipeBook.load(project.config.recipes_dir)
+    build_target(book, book.parse_target("greeter"), project.config, toolchain, log=lambda m: None)
+    release = describe_release(book, book.parse_target("greeter"), project.config, toolchain, log=lambda m: None)
+    files = {f.path: f.data for f in release.files}
+    assert files["share/greeter/words.txt"] == b"greetings\n"
+    assert "--dir ./share::/usr/local/share" in files["bin/hello.run.txt"].decode()
+    manifest = json.loads(files["manifest.json"])
+    assert manifest["files"]["share/greeter/words.txt"]["sha256"] == hashlib.sha256(b"greetings\n").hexdigest()

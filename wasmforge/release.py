@@ -1,7 +1,8 @@
 """Package a finished build for release: `invoke package` (stage: store entry -> dist/).
 
 `dist/<pkg>-<version>[-<flavor>]-wasi.tar.gz` holds the modules (bin/*.wasm, never the engine-specific
-.cwasm), a note per program on how to run it with wasmtime's CLI, the licence texts of the package,
+.cwasm) and the data files they read (share/), a note per program on how to run it with wasmtime's
+CLI, the licence texts of the package,
 of every dependency linked into it and of our patches (licenses/), manifest.json, and the SBOMs and
 provenance of sbom.py; those three are also written beside the tarball. Everything is a function of
 the stored build, the recipes and the date: entries sorted, dates SOURCE_DATE_EPOCH (default: the
@@ -170,15 +171,21 @@ def describe_release(book: RecipeBook, target: Target, config: Config, toolchain
     entry = store.entry(main_item.key)
     files: list[PackagedFile] = []
     programs: dict[str, str] = {}
-    for name, rel in main_manifest.get("programs", {}).items():
+    def stored_file(rel: str) -> PackagedFile:
         data = (entry / rel).read_bytes()
         if hashlib.sha256(data).hexdigest() != main_manifest["outputs"][rel]["sha256"]:
             raise PackageError(f"{rel} of the stored build of {package.target} changed while it was read",
                                where=str(entry), hint=f"run `{build_command(package)}` and package again")
-        files.append(PackagedFile(rel, data))
+        return PackagedFile(rel, data)
+
+    # Data files the programs read at run time (ICU's for PHP's intl), as the build installed them.
+    data_files = [stored_file(rel) for rel in sorted(main_manifest.get("outputs", {})) if rel.startswith("share/")]
+    for name, rel in main_manifest.get("programs", {}).items():
+        files.append(stored_file(rel))
         note = f"bin/{name}.run.txt"
-        files.append(PackagedFile(note, run_note(package, name, rel).encode()))
+        files.append(PackagedFile(note, run_note(package, name, rel, has_data=bool(data_files)).encode()))
         programs[name] = rel
+    files += data_files
     files += license_files(planned, manifests, config, log)
     release = Release(name=package_name(package), main=components[-1], dependencies=tuple(components[:-1]),
                       files=(), toolchain=main_item.inputs["toolchain"], epoch=epoch, target=target,
@@ -231,7 +238,7 @@ def _relative(path: Path, root: Path) -> str:
         return path.name
 
 
-def run_note(package: Package, program: str, rel: str) -> str:
+def run_note(package: Package, program: str, rel: str, *, has_data: bool = False) -> str:
     """How to run one program with wasmtime's CLI: what the module needs, from its recipe."""
     flags = ["-W exceptions=y"] if package.exceptions else []
     prefix = package.build.get("prefix")
@@ -255,6 +262,9 @@ def run_note(package: Package, program: str, rel: str) -> str:
     if prefix:
         lines.append(f"Its built-in paths are under {prefix} (configuration, include paths): preopen a "
                      f"directory there, e.g. --dir ./etc::{prefix}/lib, to give it configuration files.")
+    if has_data:
+        lines.append("The package's share/ holds data files it reads at run time: preopen it where the program "
+                     + (f"looks for them, --dir ./share::{prefix}/share." if prefix else "looks for them."))
     return "\n".join(lines) + "\n"
 
 
