@@ -150,7 +150,8 @@ def _blob(layout: Path, digest: str) -> bytes:
 
 
 def _module_of_image(layout: Path, manifest: dict) -> bytes:
-    layer = gzip.decompress(_blob(layout, manifest["layers"][0]["digest"]))
+    # The module is the top layer (below it: the package's data files, when it has any).
+    layer = gzip.decompress(_blob(layout, manifest["layers"][-1]["digest"]))
     with tarfile.open(fileobj=io.BytesIO(layer)) as tar:
         members = tar.getmembers()
         assert len(members) == 1 and members[0].isreg()
@@ -276,8 +277,21 @@ def test_the_php_image_runs_after_a_round_trip_through_the_registry(php, registr
         size = sum(layer["size"] for layer in manifest["layers"])
         print(f"{program} image: {size:,} bytes compressed (module {module.stat().st_size:,} bytes)")
         assert module.read_bytes() == (out / f"bin/{program}.wasm").read_bytes()
+        # Below it, ICU's data file where intl looks for it (/usr/local/share/icu/72.1).
+        data = gzip.decompress(_blob(layout, manifest["layers"][0]["digest"]))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            files = [m for m in tar.getmembers() if m.isreg()]
+            assert [m.name for m in files] == ["usr/local/share/icu/72.1/icudt72l.dat"]
+            target = tmp_path / f"{program}-root" / files[0].name
+            target.parent.mkdir(parents=True)
+            target.write_bytes(tar.extractfile(files[0]).read())
     run = Runner().run(tmp_path / "php.wasm", ["php", "-r", "echo 6*7;"])
     assert (run.exit_code, run.stdout) == (0, b"42")
+    share = tmp_path / "php-root" / "usr" / "local" / "share"
+    assert (share / "icu" / "72.1" / "icudt72l.dat").read_bytes() == (out / "share/icu/72.1/icudt72l.dat").read_bytes()
+    run = Runner().run(tmp_path / "php.wasm", ["php", "-r", "echo Locale::getDisplayName('de_CH', 'fr');"],
+                       readonly_dirs=[("/usr/local/share", share)])
+    assert (run.exit_code, run.stdout.decode()) == (0, "allemand (Suisse)")
 
 
 def test_a_bad_registry_address_or_tag_is_one_message_before_any_work(tmp_path):

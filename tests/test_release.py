@@ -26,6 +26,7 @@ from test_build import _recipe, _source
 from wasmforge.config import Config
 from wasmforge.errors import RecipeError
 from wasmforge.extract import extract_archive
+from wasmforge.oci import image_set
 from wasmforge.pipeline import build_target, plan
 from wasmforge.recipe import LicenseFile, RecipeBook, load_recipe
 from wasmforge.release import (
@@ -33,6 +34,7 @@ from wasmforge.release import (
     PackageError,
     describe_release,
     deterministic_tarball,
+    package_tarball,
     read_license_texts,
     source_date_epoch,
     write_package,
@@ -472,3 +474,12 @@ def test_a_package_carries_the_data_files_its_programs_read(project, toolchain):
     assert "--dir ./share::/usr/local/share" in files["bin/hello.run.txt"].decode()
     manifest = json.loads(files["manifest.json"])
     assert manifest["files"]["share/greeter/words.txt"]["sha256"] == hashlib.sha256(b"greetings\n").hexdigest()
+    # Its image has the data in a layer of its own, below the module, at the guest prefix.
+    docs = documents(release)
+    images = image_set(release, docs, package_tarball(release, docs), ROOT)
+    manifest = json.loads(next(t.manifest for t in images.manifests if t.ref == "hello").data)
+    assert len(manifest["layers"]) == 2
+    data_layer = gzip.decompress(images.blobs[manifest["layers"][0]["digest"]].data)
+    with tarfile.open(fileobj=io.BytesIO(data_layer)) as tar:
+        regular = {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isreg()}
+    assert regular == {"usr/local/share/greeter/words.txt": b"greetings\n"}

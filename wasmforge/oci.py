@@ -34,7 +34,7 @@ from .errors import WasmforgeError
 from .optimize import module_interface
 from .registry import Registry, RegistryError, check_tag
 from .sources import progress_bar
-from .tarballs import deterministic_gzip, member
+from .tarballs import deterministic_gzip, deterministic_tar, member
 
 if TYPE_CHECKING:  # the remote cache uses this module from inside the build pipeline
     from .release import Release
@@ -157,6 +157,14 @@ def _layer_tar(name: str, data: bytes, epoch: int) -> bytes:
     return raw.getvalue()
 
 
+def _data_layer_tar(release: Release) -> bytes | None:
+    """The package's data files (share/) at the guest prefix the programs look in, or None."""
+    data = [f for f in release.files if f.path.startswith("share/")]
+    if not data or not release.prefix:
+        return None
+    return deterministic_tar([(f.path, f.data) for f in data], release.epoch, release.prefix.strip("/"))
+
+
 def image_set(release: Release, documents: dict[str, bytes], tarball: bytes, root: Path) -> ImageSet:
     """Every image, artifact and referrer of a release, in memory (a package is a few MiB)."""
     revision = _revision(root)
@@ -164,6 +172,10 @@ def image_set(release: Release, documents: dict[str, bytes], tarball: bytes, roo
     empty = images.add(Blob(EMPTY_TYPE, EMPTY))
     files = {f.path: f.data for f in release.files}
     doc_blobs = {name: images.add(Blob(_document_type(name), data)) for name, data in sorted(documents.items())}
+    # The data files are a layer of their own, below the module's: one blob for every program's image.
+    data_tar = _data_layer_tar(release)
+    data_layer = images.add(Blob(LAYER_TYPE, deterministic_gzip(data_tar))) if data_tar else None
+    data_ids = ["sha256:" + hashlib.sha256(data_tar).hexdigest()] if data_tar else []
     for program, rel in release.programs.items():
         module = files[rel]
         notes = annotations(release, program, revision)
@@ -173,12 +185,13 @@ def image_set(release: Release, documents: dict[str, bytes], tarball: bytes, roo
         config = images.add(Blob(IMAGE_CONFIG_TYPE, _json({
             "architecture": "wasm", "os": "wasi", "created": created(release.epoch),
             "config": {"Entrypoint": [f"/{program}.wasm"], "Labels": notes},
-            "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]},
+            "rootfs": {"type": "layers", "diff_ids": [*data_ids, "sha256:" + hashlib.sha256(tar).hexdigest()]},
             "history": [{"created": created(release.epoch), "created_by": f"wasmforge image {release.main.target}"}],
         })))
         image = images.add(Blob(MANIFEST_TYPE, _json({
             "schemaVersion": 2, "mediaType": MANIFEST_TYPE, "config": config.descriptor(),
-            "layers": [layer.descriptor()], "annotations": {**notes, VARIANT: "compat-smart"},
+            "layers": [*([data_layer.descriptor()] if data_layer else []), layer.descriptor()],
+            "annotations": {**notes, VARIANT: "compat-smart"},
         })))
         images.manifests.append(Tagged(program, image, {"architecture": "wasm", "os": "wasi"}))
         # The CNCF wasm artifact.

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import os
 import tarfile
@@ -34,7 +33,7 @@ from .pipeline import PlannedBuild, plan
 from .recipe import LicenseFile, Package, RecipeBook, SourceSpec, Target
 from .sources import fetch_one
 from .store import MANIFEST, ArtifactStore, exclusive_lock
-from .tarballs import deterministic_gzip, member
+from .tarballs import deterministic_gzip, deterministic_tar
 from .toolchain import Toolchain
 from .verify import SUMS
 
@@ -113,6 +112,7 @@ class Release:
     wasmforge: str = __version__
     programs: dict[str, str] = field(default_factory=dict)
     exceptions: bool = False  # the modules use WebAssembly exception handling (runtimes must enable it)
+    prefix: str | None = None  # the guest prefix the programs were built for (their share/ lives under it)
 
     @property
     def components(self) -> tuple[Component, ...]:
@@ -189,7 +189,7 @@ def describe_release(book: RecipeBook, target: Target, config: Config, toolchain
     files += license_files(planned, manifests, config, log)
     release = Release(name=package_name(package), main=components[-1], dependencies=tuple(components[:-1]),
                       files=(), toolchain=main_item.inputs["toolchain"], epoch=epoch, target=target,
-                      programs=programs, exceptions=package.exceptions)
+                      programs=programs, exceptions=package.exceptions, prefix=package.build.get("prefix"))
     files.append(PackagedFile(MANIFEST, package_manifest(release, files)))
     return dataclasses.replace(release, files=tuple(sorted(files, key=lambda f: f.path)))
 
@@ -347,15 +347,7 @@ def package_manifest(release: Release, files: list[PackagedFile]) -> bytes:
 
 def deterministic_tarball(files: Iterable[PackagedFile], epoch: int, top: str) -> bytes:
     """A .tar.gz whose bytes depend on the files only: sorted, dated `epoch`, owner 0, no gzip date."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        entries = sorted(files, key=lambda f: f.path)
-        directories = sorted({"/".join(f.path.split("/")[:i]) for f in entries for i in range(1, f.path.count("/") + 1)})
-        for directory in ["", *directories]:
-            tar.addfile(member(f"{top}/{directory}".rstrip("/"), tarfile.DIRTYPE, 0o755, mtime=epoch))
-        for f in entries:
-            tar.addfile(member(f"{top}/{f.path}", mtime=epoch, size=len(f.data)), io.BytesIO(f.data))
-    return deterministic_gzip(raw.getvalue())
+    return deterministic_gzip(deterministic_tar([(f.path, f.data) for f in files], epoch, top))
 
 
 def package_tarball(release: Release, documents: dict[str, bytes]) -> bytes:

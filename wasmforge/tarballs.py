@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import io
 import tarfile
+from collections.abc import Iterable
 
 
 def member(name: str, kind: bytes = tarfile.REGTYPE, mode: int = 0o644, *, mtime: int = 0, size: int = 0,
@@ -31,3 +32,17 @@ def deterministic_gzip(data: bytes) -> bytes:
     with gzip.GzipFile(filename="", mode="wb", fileobj=out, mtime=0, compresslevel=9) as gz:
         gz.write(data)
     return out.getvalue()
+
+
+def deterministic_tar(files: Iterable[tuple[str, bytes]], epoch: int, top: str) -> bytes:
+    """An uncompressed tar of (path, data) under `top/`, whose bytes depend on the files only: sorted,
+    dated `epoch`, owner 0, with an entry for every directory (an OCI layer's diff_id is its digest)."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        entries = sorted(files)
+        directories = sorted({"/".join(path.split("/")[:i]) for path, _ in entries for i in range(1, path.count("/") + 1)})
+        for directory in ["", *directories]:
+            tar.addfile(member(f"{top}/{directory}".rstrip("/"), tarfile.DIRTYPE, 0o755, mtime=epoch))
+        for path, data in entries:
+            tar.addfile(member(f"{top}/{path}", mtime=epoch, size=len(data)), io.BytesIO(data))
+    return raw.getvalue()
