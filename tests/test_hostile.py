@@ -313,6 +313,14 @@ def test_smoke_tests_cannot_reach_outside(project, test, message):
         load_recipe(path).resolve()
 
 
+@pytest.mark.parametrize("subdir", ["../..", "/etc", "source/../..", ""])
+def test_a_build_subdir_stays_inside_the_source_tree(project, subdir):
+    path = _recipe_file(project, "outputs: {x: x}\n")
+    path.write_text(path.read_text().replace("build: {system: make}", f"build: {{system: make, subdir: '{subdir}'}}"))
+    with pytest.raises(RecipeError, match="is not a relative path inside the source tree"):
+        load_recipe(path)
+
+
 def test_an_empty_patch_or_a_stray_file_in_a_series_is_an_error(project):
     project.patch("p", "1", "0001-real.patch", "--- a/x\n+++ b/x\n@@ -1 +1 @@\n-a\n+b\n")
     assert len(patch_series(project.root / "patches", "p", "1", where="w")) == 1
