@@ -766,8 +766,7 @@ class Recipe:
         own = {g: h.removeprefix(BUILD_DIR_PREFIX) for g, h in t.get("dirs", {}).items()
                if str(h).startswith(BUILD_DIR_PREFIX)}
         for guest, rel in own.items():
-            parts = rel.split("/")
-            if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            if not _plain_relative(rel):
                 raise self.doc.error(path + ("dirs", guest), f"{rel!r} is not a relative path inside the build",
                                      hint=f"e.g. {BUILD_DIR_PREFIX}share/icu (a directory the build installs)")
         for guest, host in t.get("dirs", {}).items():
@@ -1036,10 +1035,16 @@ def _is_date(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
                         hint="write it as YYYY-MM-DD, not before 1980 (zip and tar tools need no earlier dates)")
 
 
+def _plain_relative(value: str) -> bool:
+    """A relative path that stays where it starts: no /, no empty, . or .. parts, no NUL."""
+    parts = value.split("/")
+    return bool(value) and not value.startswith("/") and "\0" not in value and \
+        not any(p in ("", ".", "..") for p in parts)
+
+
 def _is_relative_path(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
     _is_str(doc, path, value)
-    parts = value.split("/")
-    if not value or value.startswith("/") or "\0" in value or any(p in ("", ".", "..") for p in parts):
+    if not _plain_relative(value):
         raise doc.error(path, f"{value!r} is not a relative path inside the source tree",
                         hint="write it relative to the archive's top directory, e.g. LICENSE or src/lua.h")
 
