@@ -26,7 +26,7 @@ from typing import Any
 from .config import Config
 from .errors import BuildError
 from .recipe import Package
-from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, CxxLibrary, HostToolchain, Toolchain, cxx_library
+from .toolchain import EH_CFLAGS, EH_LIBS, TARGET, CxxLibrary, HostToolchain, Toolchain
 from .verified import file_sha256
 
 Log = Callable[[str], None]
@@ -89,6 +89,7 @@ class BuildContext:
     prefix: Path  # what the build is configured for: its store entry, or the guest prefix of the recipe
     deps: Mapping[str, Path]
     jobserver: JobServer | None = None
+    cxx: CxxLibrary | None = None  # libc++ for a WASI build with C++ (the plan finds it); native builds use the machine's
 
     @property
     def src(self) -> Path:
@@ -163,13 +164,6 @@ class BuildContext:
         if self.package.build["system"] == "cmake" or not self.package.build.get("in_source", True):
             return self.work / "build"
         return self.project_dir
-
-    @cached_property
-    def cxx(self) -> CxxLibrary | None:
-        """libc++ for a WASI build with C++ (`build.cxx`); native builds use the build machine's."""
-        if self.package.native or not self.package.build.get("cxx") or not isinstance(self.toolchain, Toolchain):
-            return None
-        return cxx_library(self.config, self.toolchain)
 
     @cached_property
     def flags(self) -> dict[str, list[str]]:

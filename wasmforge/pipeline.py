@@ -58,7 +58,7 @@ from .store import ArtifactStore, differences, exclusive_lock, file_record, walk
 
 __all__ = ["BuildResult", "PackageOutcome", "build_target", "explain", "output_dir", "plan", "read_manifest",
            "stored_output"]
-from .toolchain import HostToolchain, Toolchain, cxx_library, ensure_host_packages
+from .toolchain import CxxLibrary, HostToolchain, Toolchain, cxx_library, ensure_host_packages
 
 Log = Callable[[str], None]
 # Bump when the build logic changes in a way that changes outputs or entries.
@@ -84,6 +84,7 @@ class PlannedBuild:
     patches: list[Patch]
     inputs: dict[str, Any]
     key: str
+    cxx: CxxLibrary | None = None  # libc++ for a WASI build with C++ (`build.cxx`), found once while planning
 
 
 def wasm_opt_flags(package: Package) -> list[str]:
@@ -126,17 +127,22 @@ def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain 
     """The packages `target` needs, dependencies first, each with its inputs and key (nothing is built)."""
     planned: list[PlannedBuild] = []
     keys: dict[str, str] = {}
+    found_cxx: list[CxxLibrary] = []
     for t in book.build_order(target):
         package = book.package(t)
         deps = book.dependency_targets(package.recipe, t.native, t.flavor)
         patches = patch_series(config.patches_dir, package.name, package.patch_series,
                                where=package.recipe.where(("versions", package.version, "patches")))
-        cxx = (cxx_library(config, toolchain).identity
-               if package.build.get("cxx") and not package.native and isinstance(toolchain, Toolchain) else None)
+        cxx = None
+        if package.build.get("cxx") and not package.native and isinstance(toolchain, Toolchain):
+            # Native builds use the build machine's C++ library; a WASI build's is looked up (and
+            # installed, the first time) once per plan.
+            found_cxx = found_cxx or [cxx_library(config, toolchain)]
+            cxx = found_cxx[0]
         inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps}, debug=config.debug,
-                              cxx=cxx)
+                              cxx=cxx.identity if cxx else None)
         keys[t.name] = build_key(inputs)
-        planned.append(PlannedBuild(package, patches, inputs, keys[t.name]))
+        planned.append(PlannedBuild(package, patches, inputs, keys[t.name], cxx))
     return planned
 
 
@@ -282,7 +288,7 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
         # chooses: then the staged prefix, not its host path, becomes the entry.
         install_prefix = Path(package.build["prefix"]) if package.build.get("prefix") else entry
         ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=install_prefix,
-                           deps=dep_prefixes, jobserver=jobserver)
+                           deps=dep_prefixes, jobserver=jobserver, cxx=item.cxx)
         ctx.logs.mkdir()
         timings: list[StepTiming] = []
 
