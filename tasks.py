@@ -242,11 +242,13 @@ def test(ctx, target, flavor=None):
     "timeout": "stop the module after this many seconds",
     "memory": "memory limit in MiB",
     "no-precompiled": "compile the module instead of using its precompiled form",
+    "no-defaults": "leave out the recipe's defaults for the program (the build's data directories, environment)",
 })
 @cli
-def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None, no_precompiled=False):
+def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None, no_precompiled=False,
+        no_defaults=False):
     """Run a built program: invoke run lua-5.4.7 -- -e "print(1+1)"."""
-    from wasmforge.outputs import built_target
+    from wasmforge.outputs import built_target, run_defaults
     from wasmforge.run import parse_dir, parse_env, split_dirs
     from wasmforge.runtime import Runner
     seconds = _number("--timeout", timeout, maximum=MAX_SECONDS)
@@ -266,6 +268,12 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
                              hint=f"programs: {', '.join(programs) or 'none'}")
     dirs, readonly = split_dirs([parse_dir(spec) for spec in dir or []])
     variables = dict(parse_env(item) for item in env or [])
+    if not no_defaults:
+        # The recipe's `run:` defaults, as the build's manifest records them; what the user gives wins.
+        usual_dirs, usual_env, _ = run_defaults(out, manifest, name)
+        given = {guest for guest, _ in dirs + readonly}
+        readonly += [(guest, host) for guest, host in usual_dirs if guest not in given]
+        variables = {**usual_env, **variables}
     runner = Runner(use_precompiled=not no_precompiled)
     result = runner.run(out / programs[name], [name, *_remainder(ctx)], env=variables, dirs=dirs,
                         timeout=seconds, memory_limit=int(mib) * 1024 * 1024 if mib else None, capture=False,
@@ -281,6 +289,7 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
 def compare(ctx, target, script, program=None, width=0):
     """Run a script natively and in wasm, side by side: invoke compare php-7.4.33 examples/php/docroot/index.php."""
     from wasmforge.compare import run_native, run_wasm, side_by_side
+    from wasmforge.outputs import run_defaults
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
@@ -291,8 +300,11 @@ def compare(ctx, target, script, program=None, width=0):
     path = Path(script).resolve()
     if not path.is_file():
         raise WasmforgeError(f"no script at {path}")
-    left = run_native(native_dir / "bin" / name, ["-f", str(path)])
-    right = run_wasm(out / manifest["programs"][name], ["-f", str(path)], dirs=[(str(path.parent), path.parent)])
+    # The recipe says how the program takes a script (PHP: -f) and what it reads from its own build.
+    usual_dirs, usual_env, before = run_defaults(out, manifest, name)
+    left = run_native(native_dir / "bin" / name, [*before, str(path)])
+    right = run_wasm(out / manifest["programs"][name], [*before, str(path)], dirs=[(str(path.parent), path.parent)],
+                     readonly_dirs=usual_dirs, env=usual_env)
     print(side_by_side(left, right, width or shutil.get_terminal_size((160, 40)).columns))
 
 

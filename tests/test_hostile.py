@@ -34,7 +34,7 @@ from wasmforge.extract import ExtractLimits, extract_archive
 from wasmforge.optimize import precompile
 from wasmforge.patches import patch_series
 from wasmforge.pipeline import stored_output
-from wasmforge.recipe import RecipeBook, SourceSpec, load_recipe
+from wasmforge.recipe import RecipeBook, RunDefaults, SourceSpec, load_recipe
 from wasmforge.runtime import Runner, precompiled_path
 from wasmforge.sources import cache_path, fetch_sources
 
@@ -311,6 +311,28 @@ def test_smoke_tests_cannot_reach_outside(project, test, message):
     path = _recipe_file(project, f"outputs: {{x: x}}\ntests:\n  - {test}\n")
     with pytest.raises(RecipeError, match=message):
         load_recipe(path).resolve()
+
+
+@pytest.mark.parametrize("run, message", [
+    ("{y: {script: [-f]}}", "'y' is not one of this recipe's outputs"),
+    ("{x: {dirs: {/data: /etc}}}", "'/etc' is not a directory of the build"),
+    ("{x: {dirs: {/data: ../share}}}", "'../share' is not a directory of the build"),
+    ("{x: {dirs: {/data: 'build:../..'}}}", "'build:../..' is not a directory of the build"),
+    ("{x: {dirs: {/data: 'build:'}}}", "'build:' is not a directory of the build"),
+    ("{x: {dirs: {data: 'build:share'}}}", "'data' is not an absolute guest path"),
+    ("{x: {dirs: {/a/../b: 'build:share'}}}", "is not an absolute guest path"),
+    ("{x: {env: {A: [1]}}}", "must be a string or number"),
+    ("{x: {stdin: hello}}", "unknown key"),
+])
+def test_a_programs_run_defaults_name_only_its_own_build(project, run, message):
+    path = _recipe_file(project, f"outputs: {{x: x}}\nrun: {run}\n")
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(path)
+
+
+def test_a_programs_run_defaults_are_read(project):
+    path = _recipe_file(project, "outputs: {x: x}\nrun: {x: {dirs: {/d: 'build:share/d'}, env: {A: 1}, script: [-f]}}\n")
+    assert load_recipe(path).run["x"] == RunDefaults(build_dirs=(("/d", "share/d"),), env=(("A", "1"),), script=("-f",))
 
 
 @pytest.mark.parametrize("subdir", ["../..", "/etc", "source/../..", ""])

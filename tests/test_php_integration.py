@@ -102,6 +102,28 @@ def test_seed_demo_native_versus_wasm(php, php_native):
     assert "|" in table.splitlines()[2]  # the first output line differs (uname) and is marked
 
 
+def test_invoke_run_preopens_the_builds_icu_data_unless_told_not_to(php, tmp_path):
+    config, _, out = php
+    # The recipe's `run:` defaults, recorded in the manifest: ICU's data from the build, read-only.
+    assert read_manifest(out)["run"]["php"] == {"dirs": {"/usr/local/share/icu": "share/icu"}, "env": {},
+                                                 "script": ["-f"]}
+    env = {**os.environ, "WASMFORGE_OUTPUT": str(config.outputs), "WASMFORGE_STORE": str(config.artifacts)}
+    code = ("try { echo (new Collator('sv'))->compare('å', 'z'), PHP_EOL; } catch (IntlException $e) "
+            "{ echo intl_get_error_message(), PHP_EOL; } echo is_writable('/usr/local/share/icu') ? 'rw' : 'ro', PHP_EOL;")
+
+    def run(*options: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "invoke", "run", "php-7.4.33", *options, "--", "-r", code],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+    usual = run()
+    assert (usual.returncode, usual.stdout, usual.stderr) == (0, "1\nro\n", "")  # å sorts after z in Swedish
+    bare = run("--no-defaults")
+    assert bare.returncode == 0 and "U_FILE_ACCESS_ERROR" in bare.stdout
+    # What the user preopens at the same guest path wins over the default.
+    mine = run("--dir", f"/usr/local/share/icu:{tmp_path}:ro")
+    assert mine.returncode == 0 and "U_FILE_ACCESS_ERROR" in mine.stdout
+
+
 @pytest.mark.parametrize("code, expected", [
     ("exit(3);", 3),
     ("throw new Exception('x');", 255),

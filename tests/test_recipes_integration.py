@@ -3,6 +3,7 @@ files) with the real toolchain, once per test session, into a throw-away output 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pytest
 from conftest import ROOT
 
 from wasmforge.pipeline import build_target, read_manifest
-from wasmforge.recipe import RecipeBook
+from wasmforge.recipe import Expect, RecipeBook, RunDefaults, SmokeTest
+from wasmforge.recipe import TestStep as Step  # (not a test class: pytest would try to collect it)
 from wasmforge.runtime import Runner
+from wasmforge.smoke import run_smoke_test
 
 pytestmark = pytest.mark.integration
 TARGETS = ("zlib-1.3.1", "sqlite-3.46.1", "lua-5.4.7")
@@ -61,6 +64,28 @@ def test_lua_error_handling_needs_and_has_exception_handling(built):
     lua = results["lua-5.4.7"].output / "bin" / "lua.wasm"
     result = Runner().run(lua, ["lua", "-e", "local ok, e = pcall(error, {code = 7}); os.exit(e.code)"])
     assert result.exit_code == 7
+
+
+def test_smoke_tests_start_programs_with_the_recipes_run_defaults(built):
+    _, results = built
+    bin_dir = results["lua-5.4.7"].output / "bin"
+    # The build's include/ read-only, an environment variable, and a directory it does not install (left out).
+    defaults = {"lua": RunDefaults(build_dirs=(("/inc", "include"), ("/none", "share/none")), env=(("A", "from-recipe"),))}
+    probe = ("local f = io.open('/inc/lua.h'); print(os.getenv('A'), os.getenv('B'), f ~= nil, "
+             "io.open('/inc/x', 'w') == nil, io.open('/none/x') == nil)")
+    test = SmokeTest(name="defaults", where="here", env=(("B", "from-test"),), steps=(
+        Step(run=("lua", "-e", probe), stdin=None, stdout=Expect("exact", "from-recipe\tfrom-test\ttrue\ttrue\ttrue\n"),
+                 stderr=None, exit=0),))
+    outcome = run_smoke_test(test, bin_dir, Runner(), defaults)
+    assert outcome.passed, outcome.problems
+    # A test's own env wins; `defaults: false` leaves the defaults out.
+    mine = dataclasses.replace(test, env=(("A", "from-test"), ("B", "from-test")), steps=(dataclasses.replace(
+        test.steps[0], stdout=Expect("exact", "from-test\tfrom-test\ttrue\ttrue\ttrue\n")),))
+    assert run_smoke_test(mine, bin_dir, Runner(), defaults).passed
+    bare = dataclasses.replace(test, defaults=False, steps=(dataclasses.replace(
+        test.steps[0], stdout=Expect("exact", "nil\tfrom-test\tfalse\ttrue\ttrue\n")),))
+    outcome = run_smoke_test(bare, bin_dir, Runner(), defaults)
+    assert outcome.passed, outcome.problems
 
 
 def test_invoke_run_prints_2(built):

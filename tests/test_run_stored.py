@@ -108,3 +108,27 @@ def test_invoke_run_starts_a_stored_build_and_refuses_a_damaged_one(config):
         assert result.returncode == 1 and result.stdout == "", target
         assert f"the stored build of lua-{version} is damaged: bin/lua.wasm does not match its sha256" in result.stderr
         assert "nothing was run" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_defaults_are_the_manifests_and_stay_inside_the_build(config, tmp_path):
+    from wasmforge.outputs import run_defaults
+    out = _store_build(config, "hello", "1.0")
+    entry = out.resolve()
+    (entry / "share" / "data").mkdir(parents=True)
+    manifest = {"run": {"hello": {"dirs": {"/usr/local/share/data": "share/data"}, "env": {"A": "1"},
+                                  "script": ["-f"]}}}
+    assert run_defaults(out, manifest, "hello") == ([("/usr/local/share/data", entry / "share" / "data")],
+                                                    {"A": "1"}, ["-f"])
+    assert run_defaults(out, manifest, "other") == ([], {}, [])
+    assert run_defaults(out, {}, "hello") == ([], {}, [])
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (entry / "share" / "link").symlink_to(outside)
+    for rel in ("../../..", "/etc", "share/../share/data", "share/link", "share/missing", ""):
+        bad = {"run": {"hello": {"dirs": {"/data": rel}, "env": {}, "script": []}}}
+        with pytest.raises(WasmforgeError, match="which is not a directory inside the build"):
+            run_defaults(out, bad, "hello")
+    for spec in ("x", {"dirs": [], "env": {}, "script": []}, {"dirs": {}, "env": {"A": 1}, "script": []},
+                 {"dirs": {}, "env": {}}):
+        with pytest.raises(WasmforgeError, match="malformed run entry for 'hello'"):
+            run_defaults(out, {"run": {"hello": spec}}, "hello")

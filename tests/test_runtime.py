@@ -235,6 +235,12 @@ def test_wasmforge_run_launcher_starts_precompiled_modules_without_python(module
     result = subprocess.run([launcher, "--dir", f"/data:{tmp_path / 'd'}", str(wasm), "ls", "/data"],
                             capture_output=True, text=True)
     assert result.stdout == "f.txt\n"
+    result = subprocess.run([launcher, "--dir", f"/data:{tmp_path / 'd'}:ro", str(wasm), "write", "/data/new.txt"],
+                            capture_output=True, text=True)
+    assert result.returncode == 5 and not (tmp_path / "d" / "new.txt").exists()
+    result = subprocess.run([launcher, "--dir", f"/data:{tmp_path / 'd'}:ro", str(wasm), "ls", "/data"],
+                            capture_output=True, text=True)
+    assert result.stdout == "f.txt\n"
     # Precompiled (uninterruptible) code that loops is ended with the process at the timeout.
     result = subprocess.run([launcher, "--timeout", "0.5", str(wasm), "loop"], capture_output=True, text=True,
                             env=env, timeout=60)

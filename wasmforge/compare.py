@@ -35,8 +35,10 @@ def run_native(program: Path, argv: list[str], *, timeout: float = 60) -> Side:
     return Side(f"native {program.name}", text, result.returncode)
 
 
-def run_wasm(module: Path, argv: list[str], *, dirs: list[tuple[str, Path]], timeout: float = 60) -> Side:
-    result = Runner().run(module, [module.stem, *argv], dirs=dirs, timeout=timeout)
+def run_wasm(module: Path, argv: list[str], *, dirs: list[tuple[str, Path]], timeout: float = 60,
+             readonly_dirs: list[tuple[str, Path]] | None = None, env: dict[str, str] | None = None) -> Side:
+    result = Runner().run(module, [module.stem, *argv], dirs=dirs, timeout=timeout, readonly_dirs=readonly_dirs,
+                          env=env)
     text = (result.stdout + result.stderr).decode(errors="replace")
     if result.trap or result.timed_out:
         text += f"\n({result.describe()})"

@@ -73,3 +73,36 @@ def built_target(config: Config, target: str) -> tuple[Path, dict[str, Any]] | N
 def _plain(name: str) -> bool:
     """A single path component: no separator, not `.` or `..`, nothing hidden."""
     return bool(name) and "/" not in name and "\0" not in name and not name.startswith(".")
+
+
+def run_defaults(out: Path, manifest: dict[str, Any], program: str) -> tuple[list[tuple[str, Path]], dict[str, str],
+                                                                            list[str]]:
+    """How the manifest of the build in `out` says to start `program`: the build's own directories to
+    preopen read-only (guest path, host directory), its environment, and the arguments before a script.
+
+    The manifest is store content: each directory must be a plain relative path that stays inside the
+    build once links are followed, or nothing is run."""
+    spec = manifest.get("run", {}).get(program) if isinstance(manifest.get("run"), dict) else None
+    if spec is None:
+        return [], {}, []
+    dirs, env, script = (spec.get(k) if isinstance(spec, dict) else None for k in ("dirs", "env", "script"))
+    if not (isinstance(dirs, dict) and isinstance(env, dict) and isinstance(script, list)
+            and all(isinstance(v, str) for v in [*dirs, *dirs.values(), *env, *env.values(), *script])):
+        raise WasmforgeError(f"the manifest of {out} has a malformed run entry for {program!r}",
+                             where=str(out / MANIFEST), hint="rebuild it: invoke build --force ...")
+    top = out.resolve()
+    preopens = []
+    for guest, rel in dirs.items():
+        host = (out / rel).resolve()
+        if not guest.startswith("/") or not plain_relative(rel) or not host.is_relative_to(top) or not host.is_dir():
+            raise WasmforgeError(f"the manifest of {out} asks to preopen {rel!r} at {guest!r}, "
+                                 "which is not a directory inside the build", where=str(out / MANIFEST),
+                                 hint="nothing was run; rebuild it: invoke build --force ...")
+        preopens.append((guest, host))
+    return preopens, dict(env), list(script)
+
+
+def plain_relative(value: str) -> bool:
+    """A relative path that stays where it starts: no leading /, no empty, . or .. parts, no NUL."""
+    return bool(value) and not value.startswith("/") and "\0" not in value and \
+        not any(p in ("", ".", "..") for p in value.split("/"))

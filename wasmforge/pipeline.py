@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -48,7 +48,7 @@ from .optimize import (
 )
 from .outputs import MANIFEST, output_dir, read_manifest, stored_output
 from .patches import Patch, apply_series, patch_series
-from .recipe import Package, RecipeBook, Target
+from .recipe import Package, RecipeBook, RunDefaults, Target
 from .registry import Registry
 from .remote_cache import RemoteCache, cache_tag, has_entry, pull_entry, push_entry
 from .runtime import Runner
@@ -116,7 +116,16 @@ def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches
         "source_date_epoch": package.source_date_epoch,
         # Only C++ builds name libc++ (an absent key leaves every other build's key as it was).
         **({"cxx": cxx} if cxx else {}),
+        # How the programs are run by default is recorded in the manifest, so it is part of the build
+        # (only where a recipe says it: other keys stay as they were).
+        **({"run": run_record(package.recipe.run)} if package.recipe.run and not package.native else {}),
     }
+
+
+def run_record(defaults: Mapping[str, RunDefaults]) -> dict[str, Any]:
+    """A recipe's `run:` as the manifest keeps it, for `invoke run` and `invoke compare`."""
+    return {program: {"dirs": dict(d.build_dirs), "env": dict(d.env), "script": list(d.script)}
+            for program, d in defaults.items()}
 
 
 def build_key(inputs: dict[str, Any]) -> str:
@@ -455,6 +464,10 @@ def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched
         },
         "programs": {name: f"bin/{name}" + ("" if ctx.package.native else ".wasm") for name, _ in ctx.package.outputs},
         "native": ctx.package.native,
+        # How each program is started by default: the build's own directories it reads (of those in
+        # the recipe's `run:`, the ones this build installed), its environment, how a script is passed.
+        "run": {program: {**spec, "dirs": {g: rel for g, rel in spec["dirs"].items() if (root / rel).is_dir()}}
+                for program, spec in inputs.get("run", {}).items()},
         "outputs": files,
         "logs": logs,
         "links": links,

@@ -31,6 +31,7 @@ import jinja2.sandbox
 from .config import MAX_SECONDS, default_cache_dir
 from .errors import RecipeError
 from .extract import ExtractLimits
+from .outputs import plain_relative
 from .yamlspans import KeyPath, SpannedDoc, load_spanned
 
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -559,6 +560,22 @@ class SmokeTest:
     scratch: tuple[tuple[str, str], ...] = ()
     files: tuple[tuple[str, Expect], ...] = ()
     timeout: float = 60.0
+    defaults: bool = True  # the recipe's `run:` defaults apply (its own dirs and env come on top)
+
+
+@dataclass(frozen=True)
+class RunDefaults:
+    """How a program is run when nothing else is said (a recipe's `run:`): `invoke run`, `invoke
+    compare` and the smoke tests start it with these."""
+
+    # Directories of the build's own install preopened read-only (guest path, path relative to the
+    # install), where the program looks for its data: PHP's ICU data at /usr/local/share/icu.
+    build_dirs: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    script: tuple[str, ...] = ()  # the arguments before a script's path (PHP: -f; Lua: none)
+
+
+NO_RUN_DEFAULTS = RunDefaults()
 
 
 @dataclass(frozen=True)
@@ -636,6 +653,7 @@ class Recipe:
     native: Mapping[str, Any]
     # What `invoke bench` runs (start-up, workloads) and the peer it measures against, if any.
     bench: Mapping[str, Any]
+    run: Mapping[str, RunDefaults]
     doc: SpannedDoc = field(repr=False, compare=False)
     # What its templates have done since the last resolve() (bounded: MAX_RECIPE_TEMPLATE_WORK).
     template_work: _RecipeWork = field(default_factory=_RecipeWork, init=False, repr=False, compare=False)
@@ -766,7 +784,7 @@ class Recipe:
         own = {g: h.removeprefix(BUILD_DIR_PREFIX) for g, h in t.get("dirs", {}).items()
                if str(h).startswith(BUILD_DIR_PREFIX)}
         for guest, rel in own.items():
-            if not _plain_relative(rel):
+            if not plain_relative(rel):
                 raise self.doc.error(path + ("dirs", guest), f"{rel!r} is not a relative path inside the build",
                                      hint=f"e.g. {BUILD_DIR_PREFIX}share/icu (a directory the build installs)")
         for guest, host in t.get("dirs", {}).items():
@@ -791,6 +809,7 @@ class Recipe:
             scratch=tuple((k, str(v)) for k, v in t.get("scratch", {}).items()),
             files=tuple((k, e) for k, v in t.get("files", {}).items() if (e := _expect(v)) is not None),
             timeout=float(t.get("timeout", 60)),
+            defaults=bool(t.get("defaults", True)),
         )
 
 
@@ -1035,16 +1054,9 @@ def _is_date(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
                         hint="write it as YYYY-MM-DD, not before 1980 (zip and tar tools need no earlier dates)")
 
 
-def _plain_relative(value: str) -> bool:
-    """A relative path that stays where it starts: no /, no empty, . or .. parts, no NUL."""
-    parts = value.split("/")
-    return bool(value) and not value.startswith("/") and "\0" not in value and \
-        not any(p in ("", ".", "..") for p in parts)
-
-
 def _is_relative_path(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
     _is_str(doc, path, value)
-    if not _plain_relative(value):
+    if not plain_relative(value):
         raise doc.error(path, f"{value!r} is not a relative path inside the source tree",
                         hint="write it relative to the archive's top directory, e.g. LICENSE or src/lua.h")
 
@@ -1142,7 +1154,9 @@ def _test_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
 _test_check = _record(
     {**_step_fields, "name": _is_str, "steps": _list_of(_record(_step_fields, required=("run",))),
      "dirs": _map_of(_is_str), "env": _map_of(_is_scalar_arg), "scratch": _map_of(_is_str),
-     "files": _map_of(_expect_check), "timeout": _is_timeout, "flavors": _list_of(_is_str)},
+     "files": _map_of(_expect_check), "timeout": _is_timeout, "flavors": _list_of(_is_str),
+     # false: the program runs without the recipe's `run:` defaults (a test of what happens without them)
+     "defaults": _is_bool},
     rule=_test_rule,
 )
 
@@ -1170,6 +1184,24 @@ _bench_check = _record({
                      "run": _list_of(_is_scalar_arg)}, required=("name", "versions", "npm", "run")),
 })
 
+def _run_dirs_check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
+    if not isinstance(value, dict):
+        raise doc.error(path, f"must be a mapping, not {type(value).__name__}")
+    for guest, host in value.items():
+        _is_guest_path(doc, path + (guest,), guest)
+        # Only the build's own directories: a default must mean the same on every machine.
+        if not isinstance(host, str) or not host.startswith(BUILD_DIR_PREFIX) \
+                or not plain_relative(host.removeprefix(BUILD_DIR_PREFIX)):
+            raise doc.error(path + (guest,), f"{host!r} is not a directory of the build",
+                            hint=f"write {BUILD_DIR_PREFIX}REL, a directory the build installs, "
+                                 f"e.g. {BUILD_DIR_PREFIX}share/icu")
+
+
+# How each program is run by default: the build's directories it reads, its environment, and the
+# arguments that come before a script's path.
+_run_check = _map_of(_record({"dirs": _run_dirs_check, "env": _map_of(_is_scalar_arg),
+                              "script": _list_of(_is_scalar_arg)}))
+
 _recipe_check = _record(
     {
         "name": _is_str,
@@ -1194,6 +1226,7 @@ _recipe_check = _record(
         # and the build machine's packages that provide the dependencies.
         "native": _record({"build": _flavor_build_check, "packages": _list_of(_is_str)}),
         "bench": _bench_check,
+        "run": _run_check,
     },
     required=("name", "summary", "license", "versions", "source", "build"),
 )
@@ -1227,6 +1260,10 @@ def load_recipe(file: Path) -> Recipe:
         for flavor in test.get("flavors", []):
             if flavor != "default" and flavor not in data.get("flavors", {}):
                 raise doc.error(("tests", i, "flavors"), f"unknown flavor {flavor!r}")
+    for program in data.get("run", {}):
+        if program not in outputs:
+            raise doc.error(("run", program), f"{program!r} is not one of this recipe's outputs",
+                            hint=f"outputs: {', '.join(outputs) or 'none'}")
     bench = data.get("bench", {})
     for bpath, argv in [(("bench", "startup"), bench.get("startup"))] + [
             (("bench", "workloads", i, "run"), w["run"]) for i, w in enumerate(bench.get("workloads", []))]:
@@ -1256,6 +1293,11 @@ def load_recipe(file: Path) -> Recipe:
         tests=tuple(data.get("tests", [])),
         native=data.get("native", {}),
         bench=data.get("bench", {}),
+        run={program: RunDefaults(
+                build_dirs=tuple((g, h.removeprefix(BUILD_DIR_PREFIX)) for g, h in spec.get("dirs", {}).items()),
+                env=tuple((k, str(v)) for k, v in spec.get("env", {}).items()),
+                script=tuple(str(a) for a in spec.get("script", ())))
+             for program, spec in data.get("run", {}).items()},
         doc=doc,
     )
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .recipe import Expect, Package, SmokeTest
+from .recipe import NO_RUN_DEFAULTS, Expect, Package, RunDefaults, SmokeTest
 from .runtime import Runner, RunResult
 
 SCRATCH = "/scratch"
@@ -30,7 +30,7 @@ class TestOutcome:
 def run_smoke_tests(package: Package, bin_dir: Path, runner: Runner, *, log: Log = print) -> list[TestOutcome]:
     outcomes = []
     for test in package.tests:
-        outcome = run_smoke_test(test, bin_dir, runner)
+        outcome = run_smoke_test(test, bin_dir, runner, package.recipe.run)
         mark = "ok  " if outcome.passed else "FAIL"
         log(f"  {mark} {test.name} ({outcome.duration:.2f} s)")
         for problem in outcome.problems:
@@ -39,7 +39,10 @@ def run_smoke_tests(package: Package, bin_dir: Path, runner: Runner, *, log: Log
     return outcomes
 
 
-def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner) -> TestOutcome:
+def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner,
+                   defaults: Mapping[str, RunDefaults] | None = None) -> TestOutcome:
+    """Run `test` against the modules in `bin_dir`; each program starts with the recipe's `run:`
+    defaults (`defaults`) unless the test says `defaults: false`, and the test's own dirs and env on top."""
     problems: list[str] = []
     total = 0.0
     with tempfile.TemporaryDirectory(prefix="wasmforge-smoke-") as tmp:
@@ -53,8 +56,13 @@ def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner) -> TestOutcom
         own = [(g, bin_dir.parent / rel) for g, rel in test.build_dirs]
         for index, step in enumerate(test.steps):
             label = f"step {index + 1} `{' '.join(step.run)}`" if len(test.steps) > 1 else f"`{' '.join(step.run)}`"
-            result = runner.run(bin_dir / f"{step.run[0]}.wasm", list(step.run), env=dict(test.env), dirs=dirs,
-                                readonly_dirs=own,
+            usual = (defaults or {}).get(step.run[0], NO_RUN_DEFAULTS) if test.defaults else NO_RUN_DEFAULTS
+            # A default directory that this build does not install (a flavor without the data) is left out.
+            given = {g for g, _ in dirs + own}
+            usual_dirs = [(g, bin_dir.parent / rel) for g, rel in usual.build_dirs
+                          if g not in given and (bin_dir.parent / rel).is_dir()]
+            result = runner.run(bin_dir / f"{step.run[0]}.wasm", list(step.run), env={**dict(usual.env), **dict(test.env)},
+                                dirs=dirs, readonly_dirs=own + usual_dirs,
                                 stdin=step.stdin.encode() if step.stdin is not None else None,
                                 timeout=test.timeout)
             total += result.duration

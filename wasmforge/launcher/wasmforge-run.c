@@ -3,7 +3,7 @@
  * that the Python package ships (so the code was compiled by the same wasmtime version), without
  * starting Python. Built by `invoke launcher`.
  *
- *   wasmforge-run [--dir GUEST:HOST]... [--env K=V]... [--inherit-env] [--timeout SECONDS] MODULE.wasm [ARGS...]
+ *   wasmforge-run [--dir GUEST:HOST[:ro]]... [--env K=V]... [--inherit-env] [--timeout SECONDS] MODULE.wasm [ARGS...]
  *
  * Like wasmforge's runner: the module sees no environment variables and no directories unless
  * given; the exit status is the program's (proc_exit is our own, so statuses >= 126 survive), 134 on
@@ -438,7 +438,7 @@ int main(int argc, char **argv) {
         char *sep = strchr(value, strcmp(argv[i], "--env") == 0 ? '=' : ':');
         if (!sep || (strcmp(argv[i], "--env") != 0 && strcmp(argv[i], "--dir") != 0) ||
             n_env >= MAX_ITEMS || n_dirs >= MAX_ITEMS) {
-            fprintf(stderr, "usage: wasmforge-run [--dir GUEST:HOST]... [--env K=V]... [--inherit-env] "
+            fprintf(stderr, "usage: wasmforge-run [--dir GUEST:HOST[:ro]]... [--env K=V]... [--inherit-env] "
                             "[--timeout SECONDS] MODULE.wasm [ARGS...]\n");
             return 2;
         }
@@ -447,7 +447,7 @@ int main(int argc, char **argv) {
         else { dirs[n_dirs++] = value; }
     }
     if (i >= argc) {
-        fprintf(stderr, "usage: wasmforge-run [--dir GUEST:HOST]... [--env K=V]... MODULE.wasm [ARGS...]\n");
+        fprintf(stderr, "usage: wasmforge-run [--dir GUEST:HOST[:ro]]... [--env K=V]... MODULE.wasm [ARGS...]\n");
         return 2;
     }
     const char *wasm = argv[i];
@@ -472,7 +472,11 @@ int main(int argc, char **argv) {
     wasi_config_inherit_stderr(wasi);
     for (size_t d = 0; d < n_dirs; d++) {
         char *host = dirs[d] + strlen(dirs[d]) + 1;
-        if (!wasi_config_preopen_dir(wasi, host, dirs[d], true)) {
+        /* GUEST:HOST:ro: the guest can read the directory but not change it (as the other runners). */
+        size_t len = strlen(host);
+        bool mutable = !(len > 3 && strcmp(host + len - 3, ":ro") == 0);
+        if (!mutable) host[len - 3] = '\0';
+        if (!wasi_config_preopen_dir(wasi, host, dirs[d], mutable)) {
             fprintf(stderr, "wasmforge-run: cannot preopen %s as %s\n", host, dirs[d]);
             return 1;
         }
