@@ -315,6 +315,7 @@ def compare(ctx, target, script, program=None, width=0):
 def conformance(ctx, target, jobs=None, output="docs/conformance.md", from_logs=False):
     """Run PHP's run-tests.php on the wasm and native builds: invoke conformance php-7.4.33 [-- DIRS...]."""
     from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance
+    from wasmforge.outputs import run_defaults
     config = _config(jobs=jobs)
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
@@ -324,7 +325,8 @@ def conformance(ctx, target, jobs=None, output="docs/conformance.md", from_logs=
         results = results_from_logs(package, config, dirs)
     else:
         results = run_conformance(package, config, wasm=out / manifest["programs"]["php"],
-                                  native=native / "bin" / "php", dirs=dirs, jobs=config.jobs, log=log)
+                                  native=native / "bin" / "php", dirs=dirs, jobs=config.jobs, log=log,
+                                  readonly_dirs={p: run_defaults(out, manifest, p)[0] for p in ("php", "php-cgi")})
     command = "invoke conformance " + target + (" -- " + " ".join(_remainder(ctx)) if _remainder(ctx) else "")
     report = Path(output)
     report.parent.mkdir(parents=True, exist_ok=True)

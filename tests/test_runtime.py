@@ -254,6 +254,23 @@ def test_wasmforge_run_launcher_starts_precompiled_modules_without_python(module
     assert sjlj.stdout == "longjmp gave 42\n" and sjlj.returncode == 0
 
 
+def test_the_conformance_wrapper_gives_the_module_its_data_directories_read_only(modules, tmp_path, toolchain):
+    from wasmforge.config import Config
+    from wasmforge.conformance import write_wrapper
+
+    tree, data = tmp_path / "src", tmp_path / "data dir"  # a space: the wrapper quotes paths
+    tree.mkdir()
+    data.mkdir()
+    (data / "icudt.dat").write_text("x")
+    wasm = tmp_path / "php.wasm"
+    shutil.copy(modules["prog"], wasm)
+    wrapper = write_wrapper(tree, wasm, Config.from_env(), readonly_dirs=[("/usr/local/share/icu", data)])
+    listed = subprocess.run([wrapper, "ls", "/usr/local/share/icu"], capture_output=True, text=True, cwd=tree)
+    assert (listed.returncode, listed.stdout) == (0, "icudt.dat\n")
+    refused = subprocess.run([wrapper, "write", "/usr/local/share/icu/x"], capture_output=True, cwd=tree)
+    assert refused.returncode == 5 and not (data / "x").exists()
+
+
 def test_wasmforge_run_is_relinked_when_the_wasmtime_library_moves(tmp_path):
     # A recreated virtualenv moves _libwasmtime.so; a launcher linked against the old path would not
     # start ("cannot open shared object file"), so it is rebuilt.

@@ -37,7 +37,8 @@ DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "
                 "ext/mbstring/tests", "ext/date/tests", "ext/spl/tests", "ext/sqlite3/tests",
                 "ext/pdo_sqlite/tests", "ext/fileinfo/tests", "ext/bz2/tests", "ext/calendar/tests",
                 "ext/exif/tests", "ext/phar/tests", "ext/openssl/tests", "ext/zip/tests", "ext/xsl/tests",
-                "ext/soap/tests", "ext/gmp/tests", "ext/sodium/tests", "ext/iconv/tests", "ext/gd/tests")
+                "ext/soap/tests", "ext/gmp/tests", "ext/sodium/tests", "ext/iconv/tests", "ext/gd/tests",
+                "ext/intl/tests")
 # run-tests prints progress and results on the same line when its output is not a terminal.
 _RESULT = re.compile(r"\b(?P<kind>PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK) .*?\[(?P<file>[^\]\[]+\.phpt)\]")
 # PHP 8's run-tests colours its results ("\x1b[1;32mPASS\x1b[0m ...") even into a log file.
@@ -49,7 +50,7 @@ WRAPPER = """#!/bin/sh
 # directory run-tests runs it from.
 PWD=$(pwd)
 export PWD
-exec {launcher} --inherit-env --timeout {timeout} --dir {tree}:{tree} --dir /tmp:/tmp {wasm} "$@"
+exec {launcher} --inherit-env --timeout {timeout} --dir {tree}:{tree} --dir /tmp:/tmp{data} {wasm} "$@"
 """
 
 
@@ -80,12 +81,15 @@ def prepare_tree(package: Package, config: Config, log: Log) -> Path:
     return tree
 
 
-def write_wrapper(tree: Path, wasm: Path, config: Config, timeout: float = 300) -> Path:
+def write_wrapper(tree: Path, wasm: Path, config: Config, timeout: float = 300,
+                  readonly_dirs: list[tuple[str, Path]] | None = None) -> Path:
+    """A php-like executable for run-tests; `readonly_dirs` are the build's data directories (its ICU data)."""
     name = wasm.name.removesuffix(".wasm")
     path = tree.parent / f"{name}-wasm"
     launcher = build_launcher(config.cache_dir)
+    data = "".join(f" --dir {shlex.quote(f'{guest}:{host}:ro')}" for guest, host in readonly_dirs or [])
     path.write_text(WRAPPER.format(launcher=shlex.quote(str(launcher)), tree=shlex.quote(str(tree)),
-                                   wasm=shlex.quote(str(wasm)), timeout=timeout))
+                                   wasm=shlex.quote(str(wasm)), timeout=timeout, data=data))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
     return path
 
@@ -139,14 +143,18 @@ def read_results(log_file: Path, tree: Path, directory: str) -> Counts:
 
 
 def run_conformance(package: Package, config: Config, *, wasm: Path, native: Path, dirs: list[str], jobs: int,
-                    log: Log = print) -> dict[str, tuple[Counts, Counts]]:
+                    log: Log = print, readonly_dirs: dict[str, list[tuple[str, Path]]] | None = None,
+                    ) -> dict[str, tuple[Counts, Counts]]:
+    """run-tests over `dirs`, natively and in wasm; `readonly_dirs` maps a program (php, php-cgi) to the
+    build's directories it reads by default (the recipe's `run:`, as the manifest records them)."""
     if not wasm.is_file():
         raise WasmforgeError(f"no wasm build at {wasm}", hint=f"invoke build {package.target}")
     if not native.is_file():
         raise WasmforgeError(f"no native build at {native}", hint=f"invoke build {package.target} --native")
     tree = prepare_tree(package, config, log)
-    wrapper = write_wrapper(tree, wasm, config)
-    cgi_wrapper = write_wrapper(tree, wasm.with_name("php-cgi.wasm"), config)
+    wrapper = write_wrapper(tree, wasm, config, readonly_dirs=(readonly_dirs or {}).get("php"))
+    cgi_wrapper = write_wrapper(tree, wasm.with_name("php-cgi.wasm"), config,
+                                readonly_dirs=(readonly_dirs or {}).get("php-cgi"))
     native_cgi = native.with_name("php-cgi")
     logs = tree.parent / "logs"
     logs.mkdir(exist_ok=True)
@@ -231,7 +239,8 @@ def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], c
         "",
         f"Run on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}`: PHP's `run-tests.php`",
         "driven by the native reference build; the tested executable is php.wasm in wasmtime with the source",
-        "tree and /tmp preopened and `PWD` set to run-tests' directory (php-cgi.wasm likewise for CGI",
+        "tree and /tmp preopened, the build's data directories read-only as `invoke run` gives them (ICU's data",
+        "for intl), and `PWD` set to run-tests' directory (php-cgi.wasm likewise for CGI",
         "tests); the same directories run again with the native build as the tested executable. Slow,",
         "online and I/O-capture tests are skipped",
         "(SKIP_SLOW_TESTS, --offline). Percentages: of the tests that pass natively, the share that also",
