@@ -249,7 +249,7 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
         no_defaults=False):
     """Run a built program: invoke run lua-5.4.7 -- -e "print(1+1)"."""
     from wasmforge.outputs import built_target, run_defaults
-    from wasmforge.run import parse_dir, parse_env, split_dirs
+    from wasmforge.run import parse_dir, parse_env, split_dirs, unless_given
     from wasmforge.runtime import Runner
     seconds = _number("--timeout", timeout, maximum=MAX_SECONDS)
     mib = _number("--memory", memory, integer=True, maximum=4096)  # wasm32 addresses 4 GiB
@@ -271,8 +271,7 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
     if not no_defaults:
         # The recipe's `run:` defaults, as the build's manifest records them; what the user gives wins.
         usual_dirs, usual_env, _ = run_defaults(out, manifest, name)
-        given = {guest for guest, _ in dirs + readonly}
-        readonly += [(guest, host) for guest, host in usual_dirs if guest not in given]
+        readonly += unless_given(usual_dirs, dirs + readonly)
         variables = {**usual_env, **variables}
     runner = Runner(use_precompiled=not no_precompiled)
     result = runner.run(out / programs[name], [name, *_remainder(ctx)], env=variables, dirs=dirs,

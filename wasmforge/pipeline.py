@@ -136,7 +136,7 @@ def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain 
     """The packages `target` needs, dependencies first, each with its inputs and key (nothing is built)."""
     planned: list[PlannedBuild] = []
     keys: dict[str, str] = {}
-    found_cxx: list[CxxLibrary] = []
+    libcxx: CxxLibrary | None = None  # looked up (and installed, the first time) once per plan
     for t in book.build_order(target):
         package = book.package(t)
         deps = book.dependency_targets(package.recipe, t.native, t.flavor)
@@ -144,10 +144,8 @@ def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain 
                                where=package.recipe.where(("versions", package.version, "patches")))
         cxx = None
         if package.build.get("cxx") and not package.native and isinstance(toolchain, Toolchain):
-            # Native builds use the build machine's C++ library; a WASI build's is looked up (and
-            # installed, the first time) once per plan.
-            found_cxx = found_cxx or [cxx_library(config, toolchain)]
-            cxx = found_cxx[0]
+            # Native builds use the build machine's C++ library.
+            cxx = libcxx = libcxx or cxx_library(config, toolchain)
         inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps}, debug=config.debug,
                               cxx=cxx.identity if cxx else None)
         keys[t.name] = build_key(inputs)

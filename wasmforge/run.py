@@ -90,6 +90,12 @@ def split_dirs(specs: list[tuple[str, Path, bool]]) -> tuple[list[tuple[str, Pat
     return [(g, h) for g, h, w in specs if w], [(g, h) for g, h, w in specs if not w]
 
 
+def unless_given(defaults: list[tuple[str, Path]], given: list[tuple[str, Path]]) -> list[tuple[str, Path]]:
+    """The default preopens whose guest path the caller did not preopen itself (what is given wins)."""
+    taken = {guest for guest, _ in given}
+    return [(guest, host) for guest, host in defaults if guest not in taken]
+
+
 def parse_env(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .recipe import NO_RUN_DEFAULTS, Expect, Package, RunDefaults, SmokeTest
+from .run import unless_given
 from .runtime import Runner, RunResult
 
 SCRATCH = "/scratch"
@@ -58,9 +59,8 @@ def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner,
             label = f"step {index + 1} `{' '.join(step.run)}`" if len(test.steps) > 1 else f"`{' '.join(step.run)}`"
             usual = (defaults or {}).get(step.run[0], NO_RUN_DEFAULTS) if test.defaults else NO_RUN_DEFAULTS
             # A default directory that this build does not install (a flavor without the data) is left out.
-            given = {g for g, _ in dirs + own}
-            usual_dirs = [(g, bin_dir.parent / rel) for g, rel in usual.build_dirs
-                          if g not in given and (bin_dir.parent / rel).is_dir()]
+            usual_dirs = unless_given([(g, bin_dir.parent / rel) for g, rel in usual.build_dirs
+                                       if (bin_dir.parent / rel).is_dir()], dirs + own)
             result = runner.run(bin_dir / f"{step.run[0]}.wasm", list(step.run), env={**dict(usual.env), **dict(test.env)},
                                 dirs=dirs, readonly_dirs=own + usual_dirs,
                                 stdin=step.stdin.encode() if step.stdin is not None else None,
