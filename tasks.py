@@ -308,26 +308,34 @@ def compare(ctx, target, script, program=None, width=0):
 
 
 @task(help={"jobs": "parallel test workers (default: the number of cores)",
-            "output": "where to write the report (default: docs/conformance.md)",
+            "output": "where to write the report (default: the recipe's conformance.report)",
             "from-logs": "rewrite the report from the last run's logs instead of running the tests"})
 @cli
-def conformance(ctx, target, jobs=None, output="docs/conformance.md", from_logs=False):
-    """Run PHP's run-tests.php on the wasm and native builds: invoke conformance php-7.4.33 [-- DIRS...]."""
-    from wasmforge.conformance import DEFAULT_DIRS, render_report, results_from_logs, run_conformance
+def conformance(ctx, target, jobs=None, output=None, from_logs=False):
+    """Run upstream's own tests (the recipe's driver) on the wasm and native builds: invoke conformance php-7.4.33 [-- DIRS...]."""
+    from wasmforge.conformance import render_report, results_from_logs, run_conformance
     from wasmforge.outputs import run_defaults
     config = _config(jobs=jobs)
     book = RecipeBook.load(config.recipes_dir)
     package, out, manifest = _built(config, book, target)
+    spec = package.recipe.conformance
+    if not spec:
+        raise WasmforgeError(f"the recipe of {package.name} declares no conformance suite",
+                             where=package.recipe.where(()),
+                             hint="add conformance: {driver: php-run-tests, programs: {...}, suites: [...], report: ...}")
+    programs: dict[str, str] = spec["programs"]
     _, native, _ = _built(config, book, target, native=True)
-    dirs = _remainder(ctx) or list(DEFAULT_DIRS)
+    dirs = _remainder(ctx) or list(spec["suites"])
     if from_logs:
         results = results_from_logs(package, config, dirs)
     else:
-        results = run_conformance(package, config, wasm=out / manifest["programs"]["php"],
-                                  native=native / "bin" / "php", dirs=dirs, jobs=config.jobs, log=log,
-                                  readonly_dirs={p: run_defaults(out, manifest, p)[0] for p in ("php", "php-cgi")})
+        results = run_conformance(package, config, wasm={r: out / manifest["programs"][p] for r, p in programs.items()},
+                                  native={r: native / "bin" / p for r, p in programs.items()}, dirs=dirs,
+                                  jobs=config.jobs, log=log,
+                                  readonly_dirs={r: run_defaults(out, manifest, p)[0] for r, p in programs.items()})
     command = "invoke conformance " + target + (" -- " + " ".join(_remainder(ctx)) if _remainder(ctx) else "")
-    report = Path(output)
+    # The recipe's report path is a file of this checkout, wherever invoke was started.
+    report = Path(output) if output else Path(__file__).parent / package.conformance_report()
     report.parent.mkdir(parents=True, exist_ok=True)
     tree = config.outputs / ".conformance" / package.target / "src"
     report.write_text(render_report(package, results, command, tree))

@@ -254,3 +254,48 @@ def test_the_bench_section_is_read(project):
     book = RecipeBook.load(project.config.recipes_dir)
     bench = book.package(book.parse_target("tiny-1.0")).recipe.bench
     assert bench["startup"] == ["hello", "-q"] and bench["peer"]["run"] == ["node", "run.mjs"]
+
+
+CONFORMANCE = """\
+conformance:
+  driver: php-run-tests
+  programs: {cli: hello, cgi: hello}
+  suites: [tests, ext/a/tests]
+  report: "docs/conformance-${{ major }}.md"
+"""
+
+
+@pytest.mark.parametrize("change, where, message", [
+    (("driver: php-run-tests", "driver: make-check"), ":23", "'make-check' is not one of: php-run-tests"),
+    (("{cli: hello, cgi: hello}", "{cli: hello}"), ":24", "the php-run-tests driver needs a program for 'cgi'"),
+    (("{cli: hello, cgi: hello}", "{cli: hello, cgi: hello, web: hello}"), ":24",
+     "the php-run-tests driver has no program 'web'"),
+    (("{cli: hello, cgi: hello}", "{cli: hello, cgi: bye}"), ":24", "'bye' is not one of this recipe's outputs"),
+    (("[tests, ext/a/tests]", "[tests, ../elsewhere]"), ":25", "is not a relative path"),
+    (('  report: "docs/conformance-${{ major }}.md"\n', ""), ":22", "missing required key 'report'"),
+])
+def test_the_conformance_section_is_checked(project, change, where, message):
+    err = _error(project, GOOD + CONFORMANCE.replace(*change))
+    assert message in err.what
+    assert err.where.endswith(where), err.where
+
+
+def test_the_conformance_report_is_rendered_per_version_and_stays_in_the_checkout(project):
+    project.recipe("tiny", GOOD + CONFORMANCE)
+    book = RecipeBook.load(project.config.recipes_dir)
+    package = book.package(book.parse_target("tiny-1.1"))
+    assert package.recipe.conformance["suites"] == ["tests", "ext/a/tests"]
+    assert package.conformance_report() == "docs/conformance-1.md"
+    project.recipe("tiny", GOOD + CONFORMANCE.replace("docs/conformance-${{ major }}.md", "/etc/${{ name }}"))
+    book = RecipeBook.load(project.config.recipes_dir)
+    with pytest.raises(RecipeError) as info:
+        book.package(book.parse_target("tiny-1.1")).conformance_report()
+    assert "conformance.report: '/etc/tiny' is not a plain relative path" in info.value.what
+    assert info.value.where.endswith(":26")
+
+
+def test_every_conformance_driver_a_recipe_may_name_is_implemented():
+    from wasmforge.conformance import DRIVERS
+    from wasmforge.recipe import CONFORMANCE_DRIVERS
+
+    assert set(DRIVERS) == set(CONFORMANCE_DRIVERS)

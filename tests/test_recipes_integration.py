@@ -115,6 +115,15 @@ def test_rebuild_with_nothing_changed_is_up_to_date(built, toolchain):
     assert again[-1].reused and again[-1].key == results["lua-5.4.7"].key
 
 
+def test_conformance_of_a_recipe_without_a_suite_says_so(built):
+    config, _ = built
+    env = {**os.environ, "WASMFORGE_OUTPUT": str(config.outputs)}
+    result = subprocess.run([sys.executable, "-m", "invoke", "conformance", "lua-5.4.7"], cwd=ROOT, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and "the recipe of lua declares no conformance suite" in result.stderr
+    assert "lua.yaml" in result.stderr and "add conformance:" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_commands_refuse_an_edited_stored_module(built):
     # Last in this file: it damages the stored lua build for a moment and puts it back.
     config, results = built

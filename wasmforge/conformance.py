@@ -1,11 +1,12 @@
-"""Run PHP's own test suite (run-tests.php) against the wasm build, with the native build beside it.
+"""`invoke conformance`: upstream's own test suite, run by the driver the recipe names (its
+`conformance:` section), in wasm and natively, so the report shows what the wasm build loses
+against a native build of the same version.
 
-The native reference PHP drives run-tests.php. The tested executable is a small wrapper that runs
-php.wasm in wasmtime (with wasmforge-run, see run.py) with the source tree preopened at its own
-path (run-tests writes each test's script next to its .phpt) plus /tmp, and passes on run-tests'
-environment, stdin and exit status.
-The same directories are run with the native PHP as the tested executable, so the report shows
-what the wasm build loses against a native build of the same version.
+Drivers (DRIVERS here; recipe.CONFORMANCE_DRIVERS names them and their programs for recipes):
+- php-run-tests: the native reference PHP drives run-tests.php. The tested executable is a small
+  wrapper that runs the wasm CLI in wasmtime (with wasmforge-run, see run.py) with the source tree
+  preopened at its own path (run-tests writes each test's script next to its .phpt) plus /tmp, and
+  passes on run-tests' environment, stdin and exit status; the CGI program likewise.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,12 +34,6 @@ DIRECTORY_TIMEOUT = 2400  # seconds for one run-tests invocation
 # run-tests' parallel mode can stop making progress when a worker dies (its master then spins):
 # with no new output for this long (more than one test's timeout), the run is stopped.
 STALL_TIMEOUT = 360
-DEFAULT_DIRS = ("tests", "Zend/tests", "ext/standard/tests", "ext/json/tests", "ext/pcre/tests",
-                "ext/mbstring/tests", "ext/date/tests", "ext/spl/tests", "ext/sqlite3/tests",
-                "ext/pdo_sqlite/tests", "ext/fileinfo/tests", "ext/bz2/tests", "ext/calendar/tests",
-                "ext/exif/tests", "ext/phar/tests", "ext/openssl/tests", "ext/zip/tests", "ext/xsl/tests",
-                "ext/soap/tests", "ext/gmp/tests", "ext/sodium/tests", "ext/iconv/tests", "ext/gd/tests",
-                "ext/intl/tests")
 # run-tests prints progress and results on the same line when its output is not a terminal.
 _RESULT = re.compile(r"\b(?P<kind>PASS|FAIL|SKIP|XFAIL|BORK|WARN|LEAK|XLEAK) .*?\[(?P<file>[^\]\[]+\.phpt)\]")
 # PHP 8's run-tests colours its results ("\x1b[1;32mPASS\x1b[0m ...") even into a log file.
@@ -83,7 +78,8 @@ def prepare_tree(package: Package, config: Config, log: Log) -> Path:
 
 def write_wrapper(tree: Path, wasm: Path, config: Config, timeout: float = 300,
                   readonly_dirs: list[tuple[str, Path]] | None = None) -> Path:
-    """A php-like executable for run-tests; `readonly_dirs` are the build's data directories (its ICU data)."""
+    """An executable for the test runner that runs `wasm` as if it were native; `readonly_dirs` are the
+    build's data directories (e.g. ICU's data)."""
     name = wasm.name.removesuffix(".wasm")
     path = tree.parent / f"{name}-wasm"
     launcher = build_launcher(config.cache_dir)
@@ -142,20 +138,30 @@ def read_results(log_file: Path, tree: Path, directory: str) -> Counts:
     return counts
 
 
-def run_conformance(package: Package, config: Config, *, wasm: Path, native: Path, dirs: list[str], jobs: int,
-                    log: Log = print, readonly_dirs: dict[str, list[tuple[str, Path]]] | None = None,
+def run_conformance(package: Package, config: Config, *, wasm: Mapping[str, Path], native: Mapping[str, Path],
+                    dirs: list[str], jobs: int, log: Log = print,
+                    readonly_dirs: Mapping[str, list[tuple[str, Path]]] | None = None,
                     ) -> dict[str, tuple[Counts, Counts]]:
-    """run-tests over `dirs`, natively and in wasm; `readonly_dirs` maps a program (php, php-cgi) to the
-    build's directories it reads by default (the recipe's `run:`, as the manifest records them)."""
-    if not wasm.is_file():
-        raise WasmforgeError(f"no wasm build at {wasm}", hint=f"invoke build {package.target}")
-    if not native.is_file():
-        raise WasmforgeError(f"no native build at {native}", hint=f"invoke build {package.target} --native")
+    """The recipe's driver over `dirs`, natively and in wasm. `wasm` and `native` map each of the
+    driver's roles to a program; `readonly_dirs` maps a role to the build's directories its program
+    reads by default (the recipe's `run:`, as the manifest records them)."""
+    for role, path in wasm.items():
+        if not path.is_file():
+            raise WasmforgeError(f"no wasm build of {role} at {path}", hint=f"invoke build {package.target}")
+    for role, path in native.items():
+        if not path.is_file():
+            raise WasmforgeError(f"no native build of {role} at {path}", hint=f"invoke build {package.target} --native")
+    driver = DRIVERS[package.recipe.conformance["driver"]]
+    return driver(package, config, wasm=wasm, native=native, dirs=dirs, jobs=jobs, log=log,
+                  readonly_dirs=readonly_dirs or {})
+
+
+def _php_run_tests(package: Package, config: Config, *, wasm: Mapping[str, Path], native: Mapping[str, Path],
+                   dirs: list[str], jobs: int, log: Log, readonly_dirs: Mapping[str, list[tuple[str, Path]]],
+                   ) -> dict[str, tuple[Counts, Counts]]:
     tree = prepare_tree(package, config, log)
-    wrapper = write_wrapper(tree, wasm, config, readonly_dirs=(readonly_dirs or {}).get("php"))
-    cgi_wrapper = write_wrapper(tree, wasm.with_name("php-cgi.wasm"), config,
-                                readonly_dirs=(readonly_dirs or {}).get("php-cgi"))
-    native_cgi = native.with_name("php-cgi")
+    wrapper = write_wrapper(tree, wasm["cli"], config, readonly_dirs=readonly_dirs.get("cli"))
+    cgi_wrapper = write_wrapper(tree, wasm["cgi"], config, readonly_dirs=readonly_dirs.get("cgi"))
     logs = tree.parent / "logs"
     logs.mkdir(exist_ok=True)
     results: dict[str, tuple[Counts, Counts]] = {}
@@ -165,14 +171,19 @@ def run_conformance(package: Package, config: Config, *, wasm: Path, native: Pat
         slug = directory.replace("/", "_")
         start = time.perf_counter()
         # Native first: the wasm run's .diff/.out files then stay in the tree for inspection.
-        native_counts = run_directory(native, native, native_cgi, tree, directory, jobs,
+        native_counts = run_directory(native["cli"], native["cli"], native["cgi"], tree, directory, jobs,
                                       logs / f"{slug}.native.log")
-        wasm_counts = run_directory(native, wrapper, cgi_wrapper, tree, directory, jobs, logs / f"{slug}.wasm.log")
+        wasm_counts = run_directory(native["cli"], wrapper, cgi_wrapper, tree, directory, jobs,
+                                    logs / f"{slug}.wasm.log")
         log(f"{directory}: wasm {wasm_counts.passed} passed / {wasm_counts.failed} failed / "
             f"{wasm_counts.skipped} skipped; native {native_counts.passed} / {native_counts.failed} / "
             f"{native_counts.skipped} ({time.perf_counter() - start:.0f} s)")
         results[directory] = (wasm_counts, native_counts)
     return results
+
+
+Driver = Callable[..., dict[str, tuple[Counts, Counts]]]
+DRIVERS: Mapping[str, Driver] = {"php-run-tests": _php_run_tests}
 
 
 # First match wins: (cause, pattern in the wasm run's actual output of a failed test).

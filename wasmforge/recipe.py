@@ -631,6 +631,16 @@ class Package:
     def base_context(self) -> dict[str, Any]:
         return self.recipe.context(self.version, self.flavor)
 
+    def conformance_report(self) -> str:
+        """Where `invoke conformance` writes its report by default: the recipe's `conformance.report`,
+        rendered for this version, a plain path inside the checkout."""
+        path: KeyPath = ("conformance", "report")
+        report = self.recipe.render_value(self.recipe.conformance["report"], self.base_context(), path)
+        if not plain_relative(report):
+            raise self.recipe.doc.error(path, f"{report!r} is not a plain relative path",
+                                        hint="a file of the checkout, e.g. docs/conformance.md")
+        return str(report)
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -654,6 +664,8 @@ class Recipe:
     # What `invoke bench` runs (start-up, workloads) and the peer it measures against, if any.
     bench: Mapping[str, Any]
     run: Mapping[str, RunDefaults]
+    # Upstream's test suite and the driver that runs it (`invoke conformance`); empty: none declared.
+    conformance: Mapping[str, Any]
     doc: SpannedDoc = field(repr=False, compare=False)
     # What its templates have done since the last resolve() (bounded: MAX_RECIPE_TEMPLATE_WORK).
     template_work: _RecipeWork = field(default_factory=_RecipeWork, init=False, repr=False, compare=False)
@@ -1197,6 +1209,38 @@ def _run_dirs_check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
                                  f"e.g. {BUILD_DIR_PREFIX}share/icu")
 
 
+# The conformance drivers `invoke conformance` knows, and the programs each one drives, by role: a
+# recipe's `conformance.programs` names one of its outputs for each role.
+CONFORMANCE_DRIVERS: Mapping[str, tuple[str, ...]] = {
+    # PHP's run-tests.php: the CLI runs the tests, the CGI program the tests with --GET--/--POST-- sections.
+    "php-run-tests": ("cli", "cgi"),
+}
+
+
+def _conformance_rule(doc: SpannedDoc, path: KeyPath, value: dict[str, Any]) -> None:
+    roles = CONFORMANCE_DRIVERS[value["driver"]]
+    given = value.get("programs", {})
+    for role in given:
+        if role not in roles:
+            raise doc.error(path + ("programs", role), f"the {value['driver']} driver has no program {role!r}",
+                            hint=f"its programs: {', '.join(roles)}")
+    for role in roles:
+        if role not in given:
+            raise doc.error(path + ("programs",), f"the {value['driver']} driver needs a program for {role!r}",
+                            hint=f"programs: {{{', '.join(f'{r}: OUTPUT' for r in roles)}}}")
+
+
+# Upstream's own test suite, run by a named driver in wasm and natively (`invoke conformance`).
+_conformance_check = _record({
+    "driver": _one_of(tuple(CONFORMANCE_DRIVERS)),
+    "programs": _map_of(_is_str),
+    # What is run when the command names nothing: directories or modules of the suite.
+    "suites": _list_of(_is_relative_path),
+    # Where the report goes, relative to the checkout (templated: a file per version series).
+    "report": _is_str,
+}, required=("driver", "programs", "suites", "report"), rule=_conformance_rule)
+
+
 # How each program is run by default: the build's directories it reads, its environment, and the
 # arguments that come before a script's path.
 _run_check = _map_of(_record({"dirs": _run_dirs_check, "env": _map_of(_is_scalar_arg),
@@ -1227,6 +1271,7 @@ _recipe_check = _record(
         "native": _record({"build": _flavor_build_check, "packages": _list_of(_is_str)}),
         "bench": _bench_check,
         "run": _run_check,
+        "conformance": _conformance_check,
     },
     required=("name", "summary", "license", "versions", "source", "build"),
 )
@@ -1264,6 +1309,10 @@ def load_recipe(file: Path) -> Recipe:
         if program not in outputs:
             raise doc.error(("run", program), f"{program!r} is not one of this recipe's outputs",
                             hint=f"outputs: {', '.join(outputs) or 'none'}")
+    for role, program in data.get("conformance", {}).get("programs", {}).items():
+        if program not in outputs:
+            raise doc.error(("conformance", "programs", role), f"{program!r} is not one of this recipe's outputs",
+                            hint=f"outputs: {', '.join(outputs) or 'none'}")
     bench = data.get("bench", {})
     for bpath, argv in [(("bench", "startup"), bench.get("startup"))] + [
             (("bench", "workloads", i, "run"), w["run"]) for i, w in enumerate(bench.get("workloads", []))]:
@@ -1293,6 +1342,7 @@ def load_recipe(file: Path) -> Recipe:
         tests=tuple(data.get("tests", [])),
         native=data.get("native", {}),
         bench=data.get("bench", {}),
+        conformance=data.get("conformance", {}),
         run={program: RunDefaults(
                 build_dirs=tuple((g, h.removeprefix(BUILD_DIR_PREFIX)) for g, h in spec.get("dirs", {}).items()),
                 env=tuple((k, str(v)) for k, v in spec.get("env", {}).items()),
