@@ -302,8 +302,8 @@ def test_source_file_names_must_be_plain(project, source, message):
 @pytest.mark.parametrize("test, message", [
     ("{run: [x], dirs: {/etc: /etc}}", "outside this checkout"),
     ("{run: [x], dirs: {/up: ../../..}}", "outside this checkout"),
-    ("{run: [x], dirs: {/up: 'build:../..'}}", "not a relative path inside the build"),
-    ("{run: [x], dirs: {/etc: 'build:/etc'}}", "not a relative path inside the build"),
+    ("{run: [x], dirs: {/up: 'build:../..'}}", "'build:../..' is not a directory of the build"),
+    ("{run: [x], dirs: {/etc: 'build:/etc'}}", "'build:/etc' is not a directory of the build"),
     ("{run: [x], scratch: {../../escape.txt: hi}}", "must be a relative path inside /scratch"),
     ("{run: [x], files: {/etc/passwd: root}}", "must be a relative path inside /scratch"),
 ])
@@ -333,6 +333,21 @@ def test_a_programs_run_defaults_name_only_its_own_build(project, run, message):
 def test_a_programs_run_defaults_are_read(project):
     path = _recipe_file(project, "outputs: {x: x}\nrun: {x: {dirs: {/d: 'build:share/d'}, env: {A: 1}, script: [-f]}}\n")
     assert load_recipe(path).run["x"] == RunDefaults(build_dirs=(("/d", "share/d"),), env=(("A", "1"),), script=("-f",))
+
+
+def test_a_smoke_tests_build_directory_that_a_link_takes_outside_the_build_is_not_preopened(tmp_path):
+    from wasmforge.recipe import SmokeTest, TestStep
+    from wasmforge.smoke import run_smoke_test
+
+    build = tmp_path / "build"
+    (build / "bin").mkdir(parents=True)
+    (build / "share").mkdir()
+    (build / "share" / "data").symlink_to(tmp_path)  # store content, edited: a link out of the build
+    test = SmokeTest(name="t", where="here", build_dirs=(("/data", "share/data"),), steps=(
+        TestStep(run=("x",)),))
+    outcome = run_smoke_test(test, build / "bin", Runner())
+    assert not outcome.passed and outcome.duration == 0  # nothing was run
+    assert outcome.problems == (f"build:share/data is not a directory inside the build {build}",)
 
 
 @pytest.mark.parametrize("subdir", ["../..", "/etc", "source/../..", ""])

@@ -90,16 +90,25 @@ def run_defaults(out: Path, manifest: dict[str, Any], program: str) -> tuple[lis
             and all(isinstance(v, str) for v in [*dirs, *dirs.values(), *env, *env.values(), *script])):
         raise WasmforgeError(f"the manifest of {out} has a malformed run entry for {program!r}",
                              where=str(out / MANIFEST), hint="rebuild it: invoke build --force ...")
-    top = out.resolve()
     preopens = []
     for guest, rel in dirs.items():
-        host = (out / rel).resolve()
-        if not guest.startswith("/") or not plain_relative(rel) or not host.is_relative_to(top) or not host.is_dir():
+        host = directory_of_build(out, rel)
+        if not guest.startswith("/") or host is None:
             raise WasmforgeError(f"the manifest of {out} asks to preopen {rel!r} at {guest!r}, "
                                  "which is not a directory inside the build", where=str(out / MANIFEST),
                                  hint="nothing was run; rebuild it: invoke build --force ...")
         preopens.append((guest, host))
     return preopens, dict(env), list(script)
+
+
+def directory_of_build(out: Path, rel: str) -> Path | None:
+    """The directory `rel` of the build installed in `out`, resolved; None unless `rel` is a plain
+    relative path that names a directory and stays inside the build once links are followed (a build
+    is store content: a link in it must not make a preopen of some other directory of the machine)."""
+    if not plain_relative(rel):
+        return None
+    host = (out / rel).resolve()
+    return host if host.is_relative_to(out.resolve()) and host.is_dir() else None
 
 
 def plain_relative(value: str) -> bool:

@@ -795,10 +795,8 @@ class Recipe:
         checkout = fixtures.parent.resolve()
         own = {g: h.removeprefix(BUILD_DIR_PREFIX) for g, h in t.get("dirs", {}).items()
                if str(h).startswith(BUILD_DIR_PREFIX)}
-        for guest, rel in own.items():
-            if not plain_relative(rel):
-                raise self.doc.error(path + ("dirs", guest), f"{rel!r} is not a relative path inside the build",
-                                     hint=f"e.g. {BUILD_DIR_PREFIX}share/icu (a directory the build installs)")
+        for guest in own:
+            _check_build_dir(self.doc, path + ("dirs", guest), t["dirs"][guest])
         for guest, host in t.get("dirs", {}).items():
             if guest in own:
                 continue
@@ -1202,11 +1200,16 @@ def _run_dirs_check(doc: SpannedDoc, path: KeyPath, value: Any) -> None:
     for guest, host in value.items():
         _is_guest_path(doc, path + (guest,), guest)
         # Only the build's own directories: a default must mean the same on every machine.
-        if not isinstance(host, str) or not host.startswith(BUILD_DIR_PREFIX) \
-                or not plain_relative(host.removeprefix(BUILD_DIR_PREFIX)):
-            raise doc.error(path + (guest,), f"{host!r} is not a directory of the build",
-                            hint=f"write {BUILD_DIR_PREFIX}REL, a directory the build installs, "
-                                 f"e.g. {BUILD_DIR_PREFIX}share/icu")
+        _check_build_dir(doc, path + (guest,), host)
+
+
+def _check_build_dir(doc: SpannedDoc, path: KeyPath, host: Any) -> None:
+    """`host` must be build:REL, REL a plain relative path: a directory of the build's own install."""
+    if not isinstance(host, str) or not host.startswith(BUILD_DIR_PREFIX) \
+            or not plain_relative(host.removeprefix(BUILD_DIR_PREFIX)):
+        raise doc.error(path, f"{host!r} is not a directory of the build",
+                        hint=f"write {BUILD_DIR_PREFIX}REL, a directory the build installs, "
+                             f"e.g. {BUILD_DIR_PREFIX}share/icu")
 
 
 # The conformance drivers `invoke conformance` knows, and the programs each one drives, by role: a

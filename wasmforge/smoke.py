@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from .outputs import directory_of_build
 from .recipe import NO_RUN_DEFAULTS, Expect, Package, RunDefaults, SmokeTest
 from .run import unless_given
 from .runtime import Runner, RunResult
@@ -54,13 +55,17 @@ def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner,
         dirs = [(SCRATCH, scratch)] + [(g, h) for g, h in test.dirs]
         # bin_dir is <install>/bin: the build's own directories are beside it, read-only (a stored
         # build must not change under a test).
-        own = [(g, bin_dir.parent / rel) for g, rel in test.build_dirs]
-        for index, step in enumerate(test.steps):
+        build = bin_dir.parent
+        own = [(g, host) for g, rel in test.build_dirs if (host := directory_of_build(build, rel)) is not None]
+        problems += [f"build:{rel} is not a directory inside the build {build}"
+                     for _, rel in test.build_dirs if directory_of_build(build, rel) is None]
+        for index, step in enumerate([] if problems else test.steps):
             label = f"step {index + 1} `{' '.join(step.run)}`" if len(test.steps) > 1 else f"`{' '.join(step.run)}`"
             usual = (defaults or {}).get(step.run[0], NO_RUN_DEFAULTS) if test.defaults else NO_RUN_DEFAULTS
-            # A default directory that this build does not install (a flavor without the data) is left out.
-            usual_dirs = unless_given([(g, bin_dir.parent / rel) for g, rel in usual.build_dirs
-                                       if (bin_dir.parent / rel).is_dir()], dirs + own)
+            # A default directory that this build does not install (a flavor without the data), or
+            # that a link takes outside the build, is left out.
+            usual_dirs = unless_given([(g, host) for g, rel in usual.build_dirs
+                                       if (host := directory_of_build(build, rel)) is not None], dirs + own)
             result = runner.run(bin_dir / f"{step.run[0]}.wasm", list(step.run), env={**dict(usual.env), **dict(test.env)},
                                 dirs=dirs, readonly_dirs=own + usual_dirs,
                                 stdin=step.stdin.encode() if step.stdin is not None else None,
