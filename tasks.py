@@ -176,7 +176,7 @@ def build(ctx, target, flavor=None, jobs=None, force=False, no_test=False, mirro
     from wasmforge.pipeline import PackageOutcome, build_target
     from wasmforge.pipeline import explain as explain_build
     from wasmforge.remote_cache import RemoteCache
-    from wasmforge.toolchain import ensure_host_packages, find_toolchain, host_toolchain
+    from wasmforge.toolchain import find_toolchain, host_toolchain
     config = _config(jobs=jobs, mirror=mirror)
     # Options add to what the environment says (WASMFORGE_NO_CCACHE, WASMFORGE_REMOTE_CACHE, CI), never undo it.
     config = dataclasses.replace(config, use_ccache=config.use_ccache and not no_ccache, debug=config.debug or debug,
@@ -188,10 +188,8 @@ def build(ctx, target, flavor=None, jobs=None, force=False, no_test=False, mirro
     t = book.parse_target(target, flavor)
     if native:
         t = dataclasses.replace(t, native=True)
-        ensure_host_packages(book[t.name].native.get("packages", []), log=log)
-        tc = host_toolchain()
-    else:
-        tc = find_toolchain(config)
+    # A native target (--native or NAME-VERSION-native) is built with the build machine's compiler.
+    tc = host_toolchain() if t.native else find_toolchain(config)
     if explain:
         print("\n".join(explain_build(book, t, config, tc)))
         return
@@ -207,7 +205,7 @@ def build(ctx, target, flavor=None, jobs=None, force=False, no_test=False, mirro
     print(f"{final.target}: {'up to date' if final.reused else 'built'} in {final.output}")
     for name, rel in manifest.get("programs", {}).items():
         size = manifest["outputs"][rel]["size"]
-        hint = "" if native else f"  run: invoke run {final.target} --program {name} -- ARGS"
+        hint = "" if t.native else f"  run: invoke run {final.target} --program {name} -- ARGS"
         print(f"  {rel}  ({size / 1024:.0f} KiB){hint}")
 
 

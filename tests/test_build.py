@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, make_tarball
 
-from wasmforge.errors import BuildError, PatchError, SmokeTestError
+from wasmforge.errors import BuildError, PatchError, RecipeError, SmokeTestError
 from wasmforge.pipeline import build_target, read_manifest
 from wasmforge.recipe import RecipeBook
 from wasmforge.runtime import Runner
@@ -281,6 +281,68 @@ def test_pre_configure_generates_sources_with_a_host_tool(project, toolchain):
     assert "pre_configure-1 step of hello-1.0 failed" in info.value.what
     assert info.value.where.endswith("hello.yaml:14")  # the pre_configure command
     assert "no-such-generator: command not found" in info.value.details
+
+
+GEN_FILES = {
+    # gen runs on the build machine and writes a header the wasm program is compiled with.
+    "gen.c": '#include <stdio.h>\nint main(void) { printf("#define MESSAGE \\"made by gen on the build machine\\"\\n"); '
+             'return 0; }\n',
+    "app.c": '#include <stdio.h>\n#include "message.h"\nint main(void) { puts(MESSAGE); return 0; }\n',
+    "Makefile": "GEN ?= ./gen\ngen: gen.c\n\t$(CC) gen.c -o gen\n"
+                # The tree's own gen when GEN names it (the native build), else the one on PATH.
+                "message.h: $(filter ./%,$(GEN))\n\t$(GEN) > message.h\n"
+                "app: app.c message.h\n\t$(CC) $(CFLAGS) $(LDFLAGS) app.c -o app $(LIBS)\n"
+                "install-gen: gen\n\tmkdir -p $(DESTDIR)$(PREFIX)/bin && cp gen $(DESTDIR)$(PREFIX)/bin/gen\n",
+}
+GEN_RECIPE = """\
+    build_tools: [native]
+    build:
+      system: make
+      # The tool by its prefix, and on PATH (GEN=gen): both are the native build's.
+      pre_configure: ["test -x ${{ build_tools.gen }}/bin/gen"]
+      make: [app, GEN=gen]
+      install: []
+    outputs:
+      app: app
+    native:
+      build: {pre_configure: [], make: [gen, app], install: [install-gen]}
+    tests:
+      - run: [app]
+        stdout: "made by gen on the build machine\\n"
+    """
+
+
+def test_a_build_tool_is_the_recipes_own_native_build_made_and_stored_first(project, toolchain):
+    sha = _source(project, "gen", "1.0", GEN_FILES)
+    project.recipe("gen", _recipe("gen", sha, GEN_RECIPE))
+    results, messages = _build(project, toolchain, "gen-1.0")
+    assert [r.target for r in results] == ["gen-1.0-native", "gen-1.0"]
+    native, wasm = results
+    assert (native.output / "bin" / "gen").is_file() and native.output == project.config.outputs / "gen" / "1.0-native"
+    assert Runner().run(wasm.output / "bin" / "app.wasm", ["app"]).stdout == b"made by gen on the build machine\n"
+    # The tool's key is an input of the build: a changed tool is a changed build.
+    assert read_manifest(wasm.output)["inputs"]["build_tools"] == {"gen-1.0-native": native.key}
+    book = RecipeBook.load(project.config.recipes_dir)
+    assert book.parse_target("gen-1.0-native") == dataclasses.replace(book.parse_target("gen-1.0"), native=True)
+    assert book.parse_target("gen-native").native
+    again, _ = _build(project, toolchain, "gen-1.0")
+    assert [r.reused for r in again] == [True, True]
+    # The native build alone is a target of its own, shared from the store.
+    alone, _ = _build(project, toolchain, "gen-1.0-native")
+    assert [(r.target, r.reused, r.key) for r in alone] == [("gen-1.0-native", True, native.key)]
+
+
+@pytest.mark.parametrize("tools, message", [
+    ("[gen]", "build_tools[0]: 'gen' is not a native build"),
+    ("[nosuch-native]", "build_tools[0]: build tool 'nosuch-native': unknown package"),
+    ("[gen-9.9-native]", "build_tools[0]: build tool 'gen-9.9-native': gen has no version '9.9'"),
+])
+def test_a_build_tool_must_be_a_native_build_of_a_known_recipe(project, tools, message):
+    project.recipe("gen", _recipe("gen", "a" * 64, GEN_RECIPE.replace("[native]", tools)))
+    with pytest.raises(RecipeError) as info:
+        RecipeBook.load(project.config.recipes_dir)
+    assert message in info.value.what
+    assert info.value.where.endswith("gen.yaml:10")
 
 
 def test_generated_files_must_match_their_pins(project, toolchain):

@@ -88,6 +88,8 @@ class BuildContext:
     work: Path
     prefix: Path  # what the build is configured for: its store entry, or the guest prefix of the recipe
     deps: Mapping[str, Path]
+    # The native builds whose programs this build runs (recipe `build_tools`), by recipe name.
+    tools: Mapping[str, Path] = field(default_factory=dict)
     jobserver: JobServer | None = None
     cxx: CxxLibrary | None = None  # libc++ for a WASI build with C++ (the plan finds it); native builds use the machine's
 
@@ -216,6 +218,7 @@ class BuildContext:
             "host": self.toolchain.target,
             "sysroot": str(self.toolchain.sysroot),
             "deps": {name: str(p) for name, p in self.deps.items()},
+            "build_tools": {name: str(p) for name, p in self.tools.items()},
         }
 
     def render(self, path: tuple[str | int, ...], value: Any) -> Any:
@@ -260,6 +263,10 @@ class BuildContext:
             # differ from one directory or store to the next.
             env["PATH"] = f"{self.tools_dir}{os.pathsep}{env.get('PATH', os.defpath)}"
             env["CONFIG_SITE"] = str(self.config.toolchain_dir / "config.site")
+        if self.tools:
+            # The build tools' programs come before the machine's (a build python of the right version).
+            env["PATH"] = os.pathsep.join([*(str(p / "bin") for _, p in sorted(self.tools.items())),
+                                           env.get("PATH", os.defpath)])
         for key, value in self.render(("env",), dict(self.package.build.get("env", {}))).items():
             env[key] = str(value)
         return env

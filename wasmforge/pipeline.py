@@ -58,7 +58,7 @@ from .store import ArtifactStore, differences, exclusive_lock, file_record, walk
 
 __all__ = ["BuildResult", "PackageOutcome", "build_target", "explain", "output_dir", "plan", "read_manifest",
            "stored_output"]
-from .toolchain import CxxLibrary, HostToolchain, Toolchain, cxx_library, ensure_host_packages
+from .toolchain import CxxLibrary, HostToolchain, Toolchain, cxx_library, ensure_host_packages, host_toolchain
 
 Log = Callable[[str], None]
 # Bump when the build logic changes in a way that changes outputs or entries.
@@ -85,6 +85,10 @@ class PlannedBuild:
     inputs: dict[str, Any]
     key: str
     cxx: CxxLibrary | None = None  # libc++ for a WASI build with C++ (`build.cxx`), found once while planning
+    # What builds it: the WASI toolchain, or the build machine's compiler for a native build.
+    toolchain: Toolchain | HostToolchain | None = None
+    depends: tuple[Target, ...] = ()  # the libraries it links
+    build_tools: tuple[Target, ...] = ()  # the native builds whose programs it runs
 
 
 def wasm_opt_flags(package: Package) -> list[str]:
@@ -92,7 +96,8 @@ def wasm_opt_flags(package: Package) -> list[str]:
 
 
 def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches: list[Patch], dep_keys: dict[str, str],
-                 *, debug: bool = False, cxx: str | None = None) -> dict[str, Any]:
+                 *, debug: bool = False, cxx: str | None = None, tool_keys: Mapping[str, str] | None = None,
+                 ) -> dict[str, Any]:
     """Everything that can change a build's output; the build key is their digest.
 
     The recipe counts as rendered for this version and flavor (its build section and outputs), so
@@ -113,6 +118,8 @@ def build_inputs(package: Package, toolchain: Toolchain | HostToolchain, patches
         "outputs": dict(package.outputs),
         "optimize": {"wasm_opt": wasm_opt_flags(package), "debug": debug},
         "dependencies": dep_keys,
+        # The native builds it runs, by key (only where a recipe names some: other keys stay as they were).
+        **({"build_tools": dict(tool_keys)} if tool_keys else {}),
         "source_date_epoch": package.source_date_epoch,
         # Only C++ builds name libc++ (an absent key leaves every other build's key as it was).
         **({"cxx": cxx} if cxx else {}),
@@ -135,21 +142,28 @@ def build_key(inputs: dict[str, Any]) -> str:
 def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain | HostToolchain) -> list[PlannedBuild]:
     """The packages `target` needs, dependencies first, each with its inputs and key (nothing is built)."""
     planned: list[PlannedBuild] = []
-    keys: dict[str, str] = {}
+    # By target: a recipe's native build (a build tool) and its wasm build are two entries.
+    keys: dict[Target, str] = {}
     libcxx: CxxLibrary | None = None  # looked up (and installed, the first time) once per plan
+    host = toolchain if isinstance(toolchain, HostToolchain) else None
     for t in book.build_order(target):
         package = book.package(t)
-        deps = book.dependency_targets(package.recipe, t.native, t.flavor)
+        deps = tuple(book.dependency_targets(package.recipe, t.native, t.flavor))
+        tools = tuple(book.tool_targets(t))
+        tc: Toolchain | HostToolchain = toolchain
+        if t.native:
+            # Native builds (the target, or build tools of a wasm build) use the build machine's compiler.
+            tc = host = host or host_toolchain()
         patches = patch_series(config.patches_dir, package.name, package.patch_series,
                                where=package.recipe.where(("versions", package.version, "patches")))
         cxx = None
-        if package.build.get("cxx") and not package.native and isinstance(toolchain, Toolchain):
+        if package.build.get("cxx") and isinstance(tc, Toolchain):
             # Native builds use the build machine's C++ library.
-            cxx = libcxx = libcxx or cxx_library(config, toolchain)
-        inputs = build_inputs(package, toolchain, patches, {d.name: keys[d.name] for d in deps}, debug=config.debug,
-                              cxx=cxx.identity if cxx else None)
-        keys[t.name] = build_key(inputs)
-        planned.append(PlannedBuild(package, patches, inputs, keys[t.name], cxx))
+            cxx = libcxx = libcxx or cxx_library(config, tc)
+        inputs = build_inputs(package, tc, patches, {d.name: keys[d] for d in deps}, debug=config.debug,
+                              cxx=cxx.identity if cxx else None, tool_keys={str(d): keys[d] for d in tools})
+        keys[t] = build_key(inputs)
+        planned.append(PlannedBuild(package, patches, inputs, keys[t], cxx, tc, deps, tools))
     return planned
 
 
@@ -208,11 +222,9 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
     given, receives every package's outcome.
     """
     planned = plan(book, target, config, toolchain)
-    outcomes = {item.package.name: PackageOutcome(item.package.target) for item in planned}
-    deps = {item.package.name: [d.name for d in book.dependency_targets(item.package.recipe, item.package.native,
-                                                                       item.package.flavor)]
-            for item in planned}
-    waiting = {item.package.name: item for item in planned}
+    outcomes = {item.package.target: PackageOutcome(item.package.target) for item in planned}
+    deps = {item.package.target: [str(d) for d in item.depends + item.build_tools] for item in planned}
+    waiting = {item.package.target: item for item in planned}
     jobserver = JobServer(config.jobs) if config.jobs > 1 else None
     remote = remote_registry(config, log)  # one per command: a registry found down is not asked again
     try:
@@ -227,8 +239,12 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
                             log(f"{item.package.target}: not built: {outcomes[name].skipped_for} failed")
                             del waiting[name]
                         elif all(outcomes[d].result for d in deps[name]):
-                            prefixes = {d: outcomes[d].result.prefix for d in deps[name]}  # type: ignore[union-attr]
-                            running[pool.submit(build_package, item, config, toolchain, dep_prefixes=prefixes, log=log,
+                            prefixes = {d.name: outcomes[str(d)].result.prefix  # type: ignore[union-attr]
+                                        for d in item.depends}
+                            tools = {d.name: outcomes[str(d)].result.prefix  # type: ignore[union-attr]
+                                     for d in item.build_tools}
+                            running[pool.submit(build_package, item, config, item.toolchain or toolchain,
+                                                dep_prefixes=prefixes, tool_prefixes=tools, log=log,
                                                 force=force and item.package.target == str(target),
                                                 run_tests=run_tests, jobserver=jobserver, remote=remote)] = name
                             del waiting[name]
@@ -264,7 +280,8 @@ def build_lock(config: Config, package: Package, log: Log) -> Iterator[None]:
 
 
 def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | HostToolchain, *,
-                  dep_prefixes: dict[str, Path], log: Log = print, force: bool = False,
+                  dep_prefixes: dict[str, Path], tool_prefixes: Mapping[str, Path] | None = None,
+                  log: Log = print, force: bool = False,
                   run_tests: bool = True, jobserver: JobServer | None = None,
                   remote: Registry | None = None) -> BuildResult:
     package, key = item.package, item.key
@@ -286,7 +303,10 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
                 f"{final} -> {entry})")
             return BuildResult(package.target, final, entry, key, True, time.perf_counter() - start)
         log(f"{package.target}: building")
-        ensure_host_packages(package.build.get("host_packages", []), why=f"the build of {package.target}", log=log)
+        # The Debian packages whose programs the build runs, and for a native build those that provide its libraries.
+        ensure_host_packages([*package.build.get("host_packages", []),
+                              *(package.recipe.native.get("packages", []) if package.native else [])],
+                             why=f"the build of {package.target}", log=log)
         work = config.outputs / ".work" / package.target
         if work.exists():
             shutil.rmtree(work)
@@ -295,7 +315,7 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
         # chooses: then the staged prefix, not its host path, becomes the entry.
         install_prefix = Path(package.build["prefix"]) if package.build.get("prefix") else entry
         ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=install_prefix,
-                           deps=dep_prefixes, jobserver=jobserver, cxx=item.cxx)
+                           deps=dep_prefixes, tools=tool_prefixes or {}, jobserver=jobserver, cxx=item.cxx)
         ctx.logs.mkdir()
         timings: list[StepTiming] = []
 

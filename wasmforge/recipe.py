@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import hashlib
 import re
@@ -545,6 +546,10 @@ class TestStep:
 
 
 BUILD_DIR_PREFIX = "build:"
+# A target built for the build machine: NAME-VERSION-native; in build_tools, "native" alone is the
+# recipe's own native build.
+NATIVE = "native"
+NATIVE_SUFFIX = "-" + NATIVE
 
 
 @dataclass(frozen=True)
@@ -656,6 +661,8 @@ class Recipe:
     versions: Mapping[str, Mapping[str, Any]]
     source: Mapping[str, Any]
     depends: tuple[str, ...]
+    # Native builds whose programs the build runs (see _recipe_check); none for a native build itself.
+    build_tools: tuple[str, ...]
     build: Mapping[str, Any]
     outputs: Mapping[str, str]
     flavors: Mapping[str, Mapping[str, Any]]
@@ -1262,6 +1269,11 @@ _recipe_check = _record(
         "versions": _map_of(_version_check),
         "source": _source_check,
         "depends": _list_of(_is_str),
+        # Programs the build runs on the build machine: native builds, made (and stored) before this
+        # one. "native" is this recipe's own native build of the same version (CPython's build
+        # python); NAME-native or NAME-VERSION-native another recipe's. A build finds each at
+        # ${{ build_tools.NAME }} (its install prefix), and their bin/ directories on its PATH.
+        "build_tools": _list_of(_is_str),
         "build": _build_check,
         "outputs": _map_of(_is_str),
         "flavors": _map_of(_record({"summary": _is_str, "build": _flavor_build_check,
@@ -1308,6 +1320,11 @@ def load_recipe(file: Path) -> Recipe:
         for flavor in test.get("flavors", []):
             if flavor != "default" and flavor not in data.get("flavors", {}):
                 raise doc.error(("tests", i, "flavors"), f"unknown flavor {flavor!r}")
+    for i, tool in enumerate(data.get("build_tools", [])):
+        if tool != NATIVE and not tool.endswith(NATIVE_SUFFIX):
+            raise doc.error(("build_tools", i), f"{tool!r} is not a native build",
+                            hint="a build tool runs on the build machine: write 'native' (this recipe's own native "
+                                 "build of the same version), NAME-native or NAME-VERSION-native")
     for program in data.get("run", {}):
         if program not in outputs:
             raise doc.error(("run", program), f"{program!r} is not one of this recipe's outputs",
@@ -1339,6 +1356,7 @@ def load_recipe(file: Path) -> Recipe:
         versions=data["versions"],
         source=data["source"],
         depends=tuple(data.get("depends", [])),
+        build_tools=tuple(data.get("build_tools", [])),
         build=data["build"],
         outputs=outputs,
         flavors=data.get("flavors", {}),
@@ -1390,7 +1408,15 @@ class RecipeBook:
                               hint=f"known packages: {', '.join(self.recipes)}") from None
 
     def parse_target(self, text: str, flavor: str | None = None) -> Target:
-        """'lua', 'lua-5.4.7' or 'php-7.4.33-portable' -> Target."""
+        """'lua', 'lua-5.4.7', 'php-7.4.33-portable' or 'php-7.4.33-native' (built for the build machine) -> Target."""
+        if text.endswith(NATIVE_SUFFIX) and text not in self.recipes:
+            if flavor:
+                raise RecipeError(f"target {text!r} is a native build, which has no flavors (--flavor {flavor})")
+            base = self.parse_target(text.removesuffix(NATIVE_SUFFIX))
+            if base.flavor:
+                raise RecipeError(f"target {text!r} names a flavor and a native build",
+                                  hint=f"native builds have no flavors: {base.name}-{base.version}-native")
+            return dataclasses.replace(base, native=True)
         names = sorted((n for n in self.recipes if text == n or text.startswith(n + "-")), key=len, reverse=True)
         if not names:
             raise RecipeError(f"unknown package in {text!r}",
@@ -1419,12 +1445,19 @@ class RecipeBook:
     def dependency_targets(self, recipe: Recipe, native: bool = False, flavor: str | None = None) -> list[Target]:
         return [self.parse_target(dep) for dep in recipe.dependencies(flavor, native)]
 
+    def tool_targets(self, target: Target) -> list[Target]:
+        """The native builds whose programs the build of `target` runs (none for a native build)."""
+        if target.native:
+            return []
+        return [Target(target.name, target.version, None, native=True) if tool == NATIVE else self.parse_target(tool)
+                for tool in self.recipes[target.name].build_tools]
+
     def build_order(self, target: Target) -> list[Target]:
         """The target's dependencies, depth first, then the target itself."""
         order: list[Target] = []
 
         def visit(t: Target) -> None:
-            for dep in self.dependency_targets(self.recipes[t.name], t.native, t.flavor):
+            for dep in self.tool_targets(t) + self.dependency_targets(self.recipes[t.name], t.native, t.flavor):
                 if dep not in order:
                     visit(dep)
             if t not in order:
@@ -1440,6 +1473,14 @@ class RecipeBook:
                     self.parse_target(dep)
                 except RecipeError as exc:
                     raise recipe.doc.error(("depends", i), f"dependency {dep!r}: {exc.what}",
+                                           hint=exc.hint) from None
+            for i, tool in enumerate(recipe.build_tools):
+                if tool == NATIVE:
+                    continue
+                try:
+                    self.parse_target(tool)
+                except RecipeError as exc:
+                    raise recipe.doc.error(("build_tools", i), f"build tool {tool!r}: {exc.what}",
                                            hint=exc.hint) from None
         state: dict[str, int] = {}
 

@@ -159,7 +159,10 @@ def describe_release(book: RecipeBook, target: Target, config: Config, toolchain
     """Collect what the package of `target` holds and says, from its stored build (never built here)."""
     if target.native:
         raise PackageError("native builds are references for comparisons, not packages", hint="drop --native")
-    planned = plan(book, target, config, toolchain)
+    # What the package holds: the target and the libraries linked into it; build tools (native
+    # builds the build ran, recipe `build_tools`) are not part of it.
+    *linked, last = plan(book, target, config, toolchain)
+    planned = [item for item in linked if not item.package.native] + [last]
     store = ArtifactStore(config.artifacts)
     main_item = planned[-1]
     # Each entry is checked once (every file hashed), then its manifest serves the SBOM and the licences.

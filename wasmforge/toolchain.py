@@ -21,6 +21,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -543,8 +544,24 @@ class HostToolchain:
 
 def ensure_host_packages(packages: list[str] | tuple[str, ...], *, why: str = "the native build",
                          log: Log = print) -> None:
-    """Install the Debian packages that `why` needs (as root), or say how to."""
-    missing = [p for p in packages if not _deb_installed(p)]
+    """Install the Debian packages that `why` needs (as root), or say how to.
+
+    One install at a time: builds running in parallel in this process wait for each other, and apt
+    waits for dpkg's lock when another process (another build, the user's apt) holds it."""
+    if not [p for p in packages if not _deb_installed(p)]:
+        return
+    with _APT_LOCK:
+        _install_host_packages(packages, why=why, log=log)
+
+
+# Serialises the installs of this process (parallel builds of one `invoke build`).
+_APT_LOCK = threading.Lock()
+# How long apt-get waits for dpkg's lock held by another process before it gives up.
+DPKG_LOCK_TIMEOUT = 600
+
+
+def _install_host_packages(packages: list[str] | tuple[str, ...], *, why: str, log: Log) -> None:
+    missing = [p for p in packages if not _deb_installed(p)]  # again: a build before us may have installed them
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -552,11 +569,12 @@ def ensure_host_packages(packages: list[str] | tuple[str, ...], *, why: str = "t
                              hint=f"install them: sudo apt-get install -y {' '.join(missing)}")
     log(f"installing {' '.join(missing)} for {why} with apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    command = ["apt-get", "install", "-y", "-q", *missing]
+    command = ["apt-get", "-o", f"DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT}", "install", "-y", "-q", *missing]
     result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         # A machine that never ran `apt-get update` has no package lists yet.
-        subprocess.run(["apt-get", "update", "-q"], capture_output=True, env=env)
+        subprocess.run(["apt-get", "-o", f"DPkg::Lock::Timeout={DPKG_LOCK_TIMEOUT}", "update", "-q"],
+                       capture_output=True, env=env)
         result = subprocess.run(command, capture_output=True, text=True, env=env)
     if result.returncode != 0:
         raise ToolchainError("apt-get install failed", details="\n".join(result.stderr.splitlines()[-8:]),
