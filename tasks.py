@@ -141,6 +141,17 @@ def toolchain(ctx, install=False, from_="auto"):
     print(tc.describe())
 
 
+@task(name="host-packages", help={"missing": "only those not installed"})
+@cli
+def host_packages(ctx, missing=False):
+    """Print the Debian packages builds need (the toolchain's pins and the recipes'), one per line."""
+    from wasmforge.toolchain import deb_installed, host_packages
+    config = _config()
+    for name in host_packages(config, RecipeBook.load(config.recipes_dir)):
+        if not (missing and deb_installed(name)):
+            print(name)
+
+
 @task(iterable=["mirror"], help={"mirror": "a directory or base URL to look in first (repeatable)"})
 @cli
 def fetch(ctx, target, mirror=None):

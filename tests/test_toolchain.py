@@ -117,3 +117,18 @@ def test_wasm_opt_from_the_environment(tmp_path, toolchain):
     script.chmod(0o755)
     found = find_wasm_opt(config, environ={"WASMFORGE_WASM_OPT": str(script)})
     assert found is not None and found.origin == "WASMFORGE_WASM_OPT" and "version 132" in found.version
+
+
+def test_the_host_packages_are_the_toolchains_and_those_the_recipes_name(project):
+    # bootstrap.sh installs what `invoke host-packages` prints: a package a recipe names must be there.
+    from wasmforge.recipe import RecipeBook
+    from wasmforge.toolchain import host_packages, load_pins
+
+    project.recipe("tool", "name: tool\nsummary: s\nlicense: MIT\nversions: {'1.0': {sha256: " + "ab" * 32 + "}}\n"
+                   "source: {url: 'https://example.invalid/tool.tar.gz'}\n"
+                   "build: {system: make, host_packages: [bison, pkgconf]}\n"
+                   "flavors: {big: {build: {host_packages: [flex]}}}\n"
+                   "native: {packages: [libfoo-dev, pkgconf], build: {host_packages: [gperf]}}\n")
+    pins = load_pins(project.config)["debian"]
+    found = host_packages(project.config, RecipeBook.load(project.config.recipes_dir))
+    assert found == [*pins["packages"], *pins["cxx_packages"], "bison", "pkgconf", "flex", "libfoo-dev", "gperf"]

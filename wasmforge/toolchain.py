@@ -32,7 +32,7 @@ import yaml
 from .config import Config
 from .debian_archive import DebianArchive, RemoteFile
 from .errors import SourceError, ToolchainError
-from .recipe import SourceSpec
+from .recipe import RecipeBook, SourceSpec
 from .sources import download_file, extract_archive, extract_source, fetch_one
 from .verified import file_sha256
 
@@ -499,7 +499,7 @@ def npm_project(config: Config, project: Path, *, log: Log = print) -> Path:
     return dest
 
 
-def _deb_installed(package: str) -> bool:
+def deb_installed(package: str) -> bool:
     result = subprocess.run(["dpkg-query", "-W", "-f=${Status}", package], capture_output=True, text=True)
     return result.returncode == 0 and "install ok installed" in result.stdout
 
@@ -548,7 +548,7 @@ def ensure_host_packages(packages: list[str] | tuple[str, ...], *, why: str = "t
 
     One install at a time: builds running in parallel in this process wait for each other, and apt
     waits for dpkg's lock when another process (another build, the user's apt) holds it."""
-    if not [p for p in packages if not _deb_installed(p)]:
+    if not [p for p in packages if not deb_installed(p)]:
         return
     with _APT_LOCK:
         _install_host_packages(packages, why=why, log=log)
@@ -561,7 +561,7 @@ DPKG_LOCK_TIMEOUT = 600
 
 
 def _install_host_packages(packages: list[str] | tuple[str, ...], *, why: str, log: Log) -> None:
-    missing = [p for p in packages if not _deb_installed(p)]  # again: a build before us may have installed them
+    missing = [p for p in packages if not deb_installed(p)]  # again: a build before us may have installed them
     if not missing:
         return
     if os.geteuid() != 0 or not shutil.which("apt-get"):
@@ -579,6 +579,20 @@ def _install_host_packages(packages: list[str] | tuple[str, ...], *, why: str, l
     if result.returncode != 0:
         raise ToolchainError("apt-get install failed", details="\n".join(result.stderr.splitlines()[-8:]),
                              hint=f"run: apt-get update && apt-get install -y {' '.join(missing)}")
+
+
+def host_packages(config: Config, book: RecipeBook) -> list[str]:
+    """The Debian packages builds may install (what bootstrap.sh installs up front): the WASI toolchain's
+    from its pins, and every recipe's `build.host_packages` (flavors' too) and `native.packages`."""
+    pins = load_pins(config).get("debian", {})
+    found = [*pins.get("packages", []), *pins.get("cxx_packages", [])]
+    for recipe in book.recipes.values():
+        found += recipe.build.get("host_packages", [])
+        for flavor in recipe.flavors.values():
+            found += flavor.get("build", {}).get("host_packages", [])
+        found += recipe.native.get("packages", [])
+        found += recipe.native.get("build", {}).get("host_packages", [])
+    return list(dict.fromkeys(str(p) for p in found))
 
 
 def host_toolchain() -> HostToolchain:
