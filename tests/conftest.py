@@ -15,9 +15,11 @@ import pytest
 
 from wasmforge.config import Config, project_root
 from wasmforge.errors import ToolchainError
-from wasmforge.pipeline import build_target
-from wasmforge.recipe import RecipeBook
-from wasmforge.toolchain import Toolchain, find_toolchain
+from wasmforge.pipeline import BuildResult, build_target
+from wasmforge.recipe import RecipeBook, Target
+from wasmforge.runtime import Runner
+from wasmforge.smoke import run_smoke_tests
+from wasmforge.toolchain import HostToolchain, Toolchain, find_toolchain
 
 ROOT = project_root()
 
@@ -33,10 +35,24 @@ def toolchain() -> Toolchain:
 
 @pytest.fixture(scope="session")
 def integration_config(tmp_path_factory) -> Config:
-    """One output directory and store for every real build of the session: each package is built
-    once, for real (the user's artifact store would turn the builds into cache hits)."""
-    return Config.from_env(output_dir=tmp_path_factory.mktemp("build-output"),
-                           store_dir=tmp_path_factory.mktemp("artifacts"))
+    """The user's artifact store and ccache, with an output directory of the session's own: a package
+    is built at most once per run (none when the store has it), and builds made by hand or by an
+    earlier run are hits. Tests about the store itself make their own (the `project` fixture)."""
+    return Config.from_env(output_dir=tmp_path_factory.mktemp("build-output"))
+
+
+def build_and_test(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain | HostToolchain,
+                   ) -> list[BuildResult]:
+    """`build_target`, then the smoke tests of every package it took from the store: they are not part
+    of a build's key, so a hit says nothing about the recipe's tests as they are now."""
+    results = build_target(book, target, config, toolchain, log=lambda m: print(m, flush=True))
+    for result in results:
+        package = book.package(book.parse_target(result.target))
+        if result.reused and package.tests:
+            outcomes = run_smoke_tests(package, result.output / "bin", Runner(), log=lambda m: print(m, flush=True))
+            failed = [o.name for o in outcomes if not o.passed]
+            assert not failed, f"smoke tests of the stored {result.target} failed: {failed}"
+    return results
 
 
 @pytest.fixture(scope="session")
@@ -44,8 +60,7 @@ def php(toolchain, integration_config):
     """PHP 7.4.33 (default flavor) and its dependencies, built once for the whole session."""
     config = integration_config
     book = RecipeBook.load(config.recipes_dir)
-    results = build_target(book, book.parse_target("php-7.4.33"), config, toolchain,
-                           log=lambda m: print(m, flush=True))
+    results = build_and_test(book, book.parse_target("php-7.4.33"), config, toolchain)
     return config, book, results[-1].output
 
 
@@ -54,7 +69,7 @@ def lua_build(toolchain, integration_config):
     """Lua 5.4.7, built once for the whole session."""
     config = integration_config
     book = RecipeBook.load(config.recipes_dir)
-    build_target(book, book.parse_target("lua-5.4.7"), config, toolchain, log=lambda m: print(m, flush=True))
+    build_and_test(book, book.parse_target("lua-5.4.7"), config, toolchain)
     return config, book
 
 

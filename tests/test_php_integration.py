@@ -13,7 +13,7 @@ import time
 
 import pytest
 import wasmtime
-from conftest import ROOT
+from conftest import ROOT, build_and_test
 
 from wasmforge.compare import run_native, run_wasm, side_by_side
 from wasmforge.errors import SourceError
@@ -33,8 +33,7 @@ def php_native(integration_config):
     config = integration_config
     book = RecipeBook.load(config.recipes_dir)
     target = dataclasses.replace(book.parse_target("php-7.4.33"), native=True)
-    results = build_target(book, target, config, host_toolchain(), log=lambda m: print(m, flush=True))
-    return results[-1].output
+    return build_and_test(book, target, config, host_toolchain())[-1].output
 
 
 def test_php_builds_with_all_smoke_tests_passing(php):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, build_and_test
 
 from wasmforge.pipeline import build_target, read_manifest
 from wasmforge.recipe import Expect, RecipeBook, RunDefaults, SmokeTest
@@ -23,13 +23,12 @@ TARGETS = ("zlib-1.3.1", "sqlite-3.46.1", "lua-5.4.7")
 
 @pytest.fixture(scope="session")
 def built(toolchain, integration_config):
-    """Build the three recipes once; the source cache is the user's, outputs are temporary."""
+    """The three recipes, built at most once (the store and caches are the user's, outputs temporary)."""
     config = integration_config
     book = RecipeBook.load(config.recipes_dir)
     results = {}
     for target in TARGETS:
-        results[target] = build_target(book, book.parse_target(target), config, toolchain,
-                                       log=lambda m: print(m, flush=True))[-1]
+        results[target] = build_and_test(book, book.parse_target(target), config, toolchain)[-1]
     return config, results
 
 
