@@ -1,4 +1,4 @@
-"""Parsing and classifying PHP run-tests results (the runs themselves are measured, not tested here)."""
+"""Parsing and classifying the results of upstream test suites (PHP run-tests logs, CPython regrtest JUnit reports)."""
 
 from __future__ import annotations
 
@@ -41,3 +41,32 @@ def test_failure_causes_are_classified():
     assert failure_cause("open(./x, O_RDWR) failed: No such file or directory").startswith("paths")
     assert failure_cause("Fatal error: Uncaught FiberError: Fibers are not available on WASI: ...").startswith("Fibers")
     assert failure_cause("int(1)\nint(2)") == "other (output differs)"
+
+
+JUNIT = """<testsuites><testsuite tests="6">
+<testcase name="test.test_x.A.test_ok" status="run" result="completed" time="0.1" />
+<testcase name="test.test_x.A.test_fails" status="run" result="completed"><failure type="AssertionError" message="1 != 2">tb</failure></testcase>
+<testcase name="test.test_x.A.test_errs" status="run" result="completed"><error type="OSError" message="no">tb</error></testcase>
+<testcase name="test.test_x.A.test_skip" status="run" result="completed"><skipped>needs fork</skipped></testcase>
+<testcase name="test.test_x.A.test_xfail" status="run" result="completed"><output type="E" message="m">tb</output></testcase>
+<testcase name="test.test_x.A.test_subtests" />
+</testsuite></testsuites>"""
+
+
+def test_a_regrtest_junit_report_is_counted_per_test(tmp_path):
+    from wasmforge.conformance import read_junit
+
+    path = tmp_path / "r.xml"
+    path.write_text(JUNIT)
+    counts = read_junit(path)
+    assert (counts.passed, counts.failed, counts.skipped, counts.other) == (1, 3, 1, 1)
+    assert counts.passes == ["test.test_x.A.test_ok"]
+    # A test whose subtests failed has no result of its own: it failed.
+    assert counts.failures == ["test.test_x.A.test_fails", "test.test_x.A.test_errs", "test.test_x.A.test_subtests"]
+    # No report (the process died), a damaged one, or one that declares entities: nothing counted.
+    for text in (None, JUNIT[:200], '<!DOCTYPE x [<!ENTITY a "aaaa">]>' + JUNIT):
+        if text is None:
+            path.unlink()
+        else:
+            path.write_text(text)
+        assert read_junit(path).run == 0

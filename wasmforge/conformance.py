@@ -7,6 +7,9 @@ Drivers (DRIVERS here; recipe.CONFORMANCE_DRIVERS names them and their programs 
   wrapper that runs the wasm CLI in wasmtime (with wasmforge-run, see run.py) with the source tree
   preopened at its own path (run-tests writes each test's script next to its .phpt) plus /tmp, and
   passes on run-tests' environment, stdin and exit status; the CGI program likewise.
+- python-regrtest: CPython's own `python -m test`, one module per process (WASI has no
+  subprocesses for its workers), each writing a JUnit XML report of its tests; the wasm python
+  runs with its standard library preopened read-only as `invoke run` gives it and a scratch /tmp.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from xml.etree import ElementTree
 
 from .config import Config
 from .errors import WasmforgeError
@@ -152,8 +156,8 @@ def run_conformance(package: Package, config: Config, *, wasm: Mapping[str, Path
         if not path.is_file():
             raise WasmforgeError(f"no native build of {role} at {path}", hint=f"invoke build {package.target} --native")
     driver = DRIVERS[package.recipe.conformance["driver"]]
-    return driver(package, config, wasm=wasm, native=native, dirs=dirs, jobs=jobs, log=log,
-                  readonly_dirs=readonly_dirs or {})
+    return driver.run(package, config, wasm=wasm, native=native, dirs=dirs, jobs=jobs, log=log,
+                      readonly_dirs=readonly_dirs or {})
 
 
 def _php_run_tests(package: Package, config: Config, *, wasm: Mapping[str, Path], native: Mapping[str, Path],
@@ -182,8 +186,88 @@ def _php_run_tests(package: Package, config: Config, *, wasm: Mapping[str, Path]
     return results
 
 
-Driver = Callable[..., dict[str, tuple[Counts, Counts]]]
-DRIVERS: Mapping[str, Driver] = {"php-run-tests": _php_run_tests}
+# One module's tests may run this long (seconds) before the process is stopped.
+MODULE_TIMEOUT = 1200
+# A JUnit report larger than this is not read (it is our tested program's output: not trusted).
+MAX_REPORT_BYTES = 64 << 20
+
+
+def _python_regrtest(package: Package, config: Config, *, wasm: Mapping[str, Path], native: Mapping[str, Path],
+                     dirs: list[str], jobs: int, log: Log, readonly_dirs: Mapping[str, list[tuple[str, Path]]],
+                     ) -> dict[str, tuple[Counts, Counts]]:
+    del jobs  # one process at a time: each module's run is one wasm instance without workers
+    root = config.outputs / ".conformance" / package.target
+    logs = root / "logs"
+    if logs.exists():
+        shutil.rmtree(logs)
+    logs.mkdir(parents=True)
+    launcher = build_launcher(config.cache_dir)
+    results: dict[str, tuple[Counts, Counts]] = {}
+    for module in dirs:
+        start = time.perf_counter()
+        counts = []
+        for kind in ("native", "wasm"):
+            scratch = root / "tmp" / kind
+            if scratch.exists():
+                shutil.rmtree(scratch)
+            scratch.mkdir(parents=True)
+            report = scratch / "junit.xml"
+            if kind == "native":
+                cmd = [str(native["python"]), "-m", "test", "--junit-xml", str(report), module]
+                env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(scratch), "TMPDIR": str(scratch),
+                       "LANG": "C.UTF-8"}
+            else:
+                cmd = [str(launcher), "--timeout", str(MODULE_TIMEOUT), "--dir", f"/tmp:{scratch}",
+                       "--env", "TMPDIR=/tmp", "--env", "HOME=/tmp", "--env", "LANG=C.UTF-8"]
+                cmd += [a for guest, host in readonly_dirs.get("python", []) for a in ("--dir", f"{guest}:{host}:ro")]
+                cmd += [str(wasm["python"]), "-m", "test", "--junit-xml", "/tmp/junit.xml", module]
+                env = {"PATH": os.environ.get("PATH", os.defpath)}
+            log_file = logs / f"{module.replace('/', '_')}.{kind}.log"
+            with log_file.open("w") as out:
+                try:
+                    subprocess.run(cmd, cwd=scratch, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, timeout=MODULE_TIMEOUT + 60)
+                except subprocess.TimeoutExpired:
+                    out.write(f"\nwasmforge: stopped after {MODULE_TIMEOUT + 60} s\n")
+            if report.is_file():
+                shutil.copyfile(report, log_file.with_suffix(".xml"))
+            counts.append(read_junit(log_file.with_suffix(".xml")))
+            shutil.rmtree(scratch, ignore_errors=True)
+        native_counts, wasm_counts = counts
+        log(f"{module}: wasm {wasm_counts.passed} passed / {wasm_counts.failed} failed / "
+            f"{wasm_counts.skipped} skipped; native {native_counts.passed} / {native_counts.failed} / "
+            f"{native_counts.skipped} ({time.perf_counter() - start:.0f} s)")
+        results[module] = (wasm_counts, native_counts)
+    return results
+
+
+def read_junit(path: Path) -> Counts:
+    """Counts of one regrtest --junit-xml report; no report (the process died) counts nothing."""
+    counts = Counts(failures=[], passes=[])
+    if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
+        return counts
+    text = path.read_text(errors="replace")
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:  # regrtest writes none: entities are not expanded here
+        return counts
+    try:
+        root = ElementTree.fromstring(text)
+    except ElementTree.ParseError:
+        return counts
+    for case in root.iter("testcase"):
+        name = case.get("name", "?")
+        children = {child.tag for child in case}
+        if "skipped" in children:
+            counts.skipped += 1
+        elif children & {"failure", "error"} or case.get("status") is None:
+            # No result recorded: a subtest failed (regrtest records only whole tests' results).
+            counts.failed += 1
+            counts.failures.append(name)
+        elif children & {"output", "outcome"}:  # an expected failure, an unexpected success
+            counts.other += 1
+        else:
+            counts.passed += 1
+            counts.passes.append(name)
+    return counts
 
 
 # First match wins: (cause, pattern in the wasm run's actual output of a failed test).
@@ -223,15 +307,11 @@ def classify_failures(tree: Path, tests: list[str]) -> dict[str, list[str]]:
 
 def results_from_logs(package: Package, config: Config, dirs: list[str]) -> dict[str, tuple[Counts, Counts]]:
     """Re-read the logs of the last run (to rewrite the report without running the tests again)."""
-    tree = config.outputs / ".conformance" / package.target / "src"
-    results = {}
-    for directory in dirs:
-        slug = directory.replace("/", "_")
-        logs = [tree.parent / "logs" / f"{slug}.{kind}.log" for kind in ("wasm", "native")]
-        if all(log.exists() for log in logs):
-            results[directory] = (read_results(logs[0], tree, directory), read_results(logs[1], tree, directory))
+    root = config.outputs / ".conformance" / package.target
+    driver = DRIVERS[package.recipe.conformance["driver"]]
+    results = {suite: counts for suite in dirs if (counts := driver.read_logs(root, suite)) is not None}
     if not results:
-        raise WasmforgeError(f"no conformance logs in {tree.parent / 'logs'}",
+        raise WasmforgeError(f"no conformance logs in {root / 'logs'}",
                              hint=f"run them first: invoke conformance {package.target}")
     return results
 
@@ -245,19 +325,15 @@ def wasm_rate(wasm: Counts, native: Counts) -> float | None:
 
 def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], command: str,
                   tree: Path | None = None) -> str:
+    driver = DRIVERS[package.recipe.conformance["driver"]]
     lines = [
-        f"# PHP's own tests against the wasm build ({package.target})",
+        f"# {driver.title} against the wasm build ({package.target})",
         "",
-        f"Run on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}`: PHP's `run-tests.php`",
-        "driven by the native reference build; the tested executable is php.wasm in wasmtime with the source",
-        "tree and /tmp preopened, the build's data directories read-only as `invoke run` gives them (ICU's data",
-        "for intl), and `PWD` set to run-tests' directory (php-cgi.wasm likewise for CGI",
-        "tests); the same directories run again with the native build as the tested executable. Slow,",
-        "online and I/O-capture tests are skipped",
-        "(SKIP_SLOW_TESTS, --offline). Percentages: of the tests that pass natively, the share that also",
-        "passes in wasm.",
+        f"Run on {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} with `{command}`: {driver.method} "
+        "Percentages: of the tests that pass natively, the share that also passes in wasm.",
         "",
-        "| directory | wasm pass | wasm fail | wasm skip | native pass | native fail | native skip | native passes kept in wasm |",
+        f"| {driver.unit} | wasm pass | wasm fail | wasm skip | native pass | native fail | native skip | "
+        "native passes kept in wasm |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     incomplete = []
@@ -273,18 +349,68 @@ def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], c
                   "parallel mode hung near the end of the directory and was stopped): " + "; ".join(incomplete)
                   + ". They count as neither passed nor failed."]
     lost_all = sorted({f for w, n in results.values() for f in set(w.failures or []) & set(n.passes or [])})
-    if tree is not None and lost_all:
+    if tree is not None and lost_all and driver.classify is not None:
         lines += ["", "## Why tests that pass natively fail in wasm", "",
                   "Classified from each failed test's actual output (first matching cause):", "",
                   "| cause | tests |", "|---|---:|"]
-        groups = classify_failures(tree, lost_all)
+        groups = driver.classify(tree, lost_all)
         for cause, tests in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             lines.append(f"| {cause} | {len(tests)} |")
     lines += ["", "Tests that pass natively but do not pass in wasm (failed, or skipped because a feature is",
-              "missing), per directory:", ""]
+              f"missing), per {driver.unit}:", ""]
     for directory, (w, n) in results.items():
         lost = sorted(set(n.passes or []) - set(w.passes or []))
         lines.append(f"<details><summary><code>{directory}</code>: {len(lost)}</summary>\n")
         lines += [f"- `{f}`" for f in lost] or ["- none"]
         lines.append("\n</details>\n")
     return "\n".join(lines) + "\n"
+
+
+def _suite_logs(root: Path, suite: str) -> tuple[Path, Path] | None:
+    """The wasm and native logs of a suite's last run, if it has both."""
+    wasm, native = (root / "logs" / f"{suite.replace('/', '_')}.{kind}.log" for kind in ("wasm", "native"))
+    return (wasm, native) if wasm.exists() and native.exists() else None
+
+
+def _read_run_tests_logs(root: Path, suite: str) -> tuple[Counts, Counts] | None:
+    if (logs := _suite_logs(root, suite)) is None:
+        return None
+    return read_results(logs[0], root / "src", suite), read_results(logs[1], root / "src", suite)
+
+
+def _read_regrtest_logs(root: Path, suite: str) -> tuple[Counts, Counts] | None:
+    if (logs := _suite_logs(root, suite)) is None:
+        return None
+    return read_junit(logs[0].with_suffix(".xml")), read_junit(logs[1].with_suffix(".xml"))
+
+
+@dataclass(frozen=True)
+class Driver:
+    """How one kind of upstream test suite is run, read back from its logs, and described."""
+
+    run: Callable[..., dict[str, tuple[Counts, Counts]]]
+    read_logs: Callable[[Path, str], tuple[Counts, Counts] | None]  # (.conformance/<target>, suite)
+    title: str
+    unit: str  # what a suite is: a directory of tests, a test module
+    method: str  # how the run was made, for the report
+    # Why failed tests failed, from their output in the source tree; None: not classified.
+    classify: Callable[[Path, list[str]], dict[str, list[str]]] | None = None
+
+
+DRIVERS: Mapping[str, Driver] = {
+    "php-run-tests": Driver(
+        run=_php_run_tests, read_logs=_read_run_tests_logs, title="PHP's own tests", unit="directory",
+        classify=classify_failures,
+        method="PHP's `run-tests.php` driven by the native reference build; the tested executable is php.wasm in "
+               "wasmtime with the source tree and /tmp preopened, the build's data directories read-only as "
+               "`invoke run` gives them (ICU's data for intl), and `PWD` set to run-tests' directory (php-cgi.wasm "
+               "likewise for CGI tests); the same directories run again with the native build as the tested "
+               "executable. Slow, online and I/O-capture tests are skipped (SKIP_SLOW_TESTS, --offline)."),
+    "python-regrtest": Driver(
+        run=_python_regrtest, read_logs=_read_regrtest_logs, title="CPython's own tests", unit="module",
+        method="CPython's `python -m test` (regrtest), one test module per process, each writing a JUnit XML "
+               "report: python.wasm in wasmtime (through wasmforge-run) with its standard library preopened "
+               "read-only as `invoke run` gives it and an empty scratch directory as /tmp, then the native "
+               "build of the same recipe the same way. No resources are enabled (`-u`: no network, no large "
+               "memory tests); a test whose subtests failed counts as failed."),
+}
