@@ -27,6 +27,7 @@ from pathlib import Path
 
 from .config import Config
 from .errors import ToolchainError, WasmforgeError
+from .outputs import run_defaults
 from .pipeline import build_target, read_manifest
 from .recipe import RecipeBook, Target
 from .run import build_launcher
@@ -276,18 +277,24 @@ def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: 
     native = native_out / "bin" / program
     wasm = wasm_output / "bin" / f"{program}.wasm"
     argv = [program, *startup_args]
+    # The program starts as `invoke run` starts it: with the recipe's default directories and
+    # environment (python's standard library, PHP's ICU data), as the build's manifest records them.
+    usual_dirs, usual_env, _ = run_defaults(wasm_output, read_manifest(wasm_output) or {}, program)
+    usual = [a for guest, host in usual_dirs for a in ("--dir", f"{guest}:{host}:ro")]
+    usual += [a for k, v in usual_env.items() for a in ("--env", f"{k}={v}")]
     rows = []
 
     log(f"bench: start-up, {runs} runs each ...")
     native_start = median_time(lambda: subprocess.run([str(native), *startup_args], capture_output=True), runs)
     runner = Runner()
-    first = runner.run(wasm, argv)
+    first = runner.run(wasm, argv, readonly_dirs=usual_dirs, env=usual_env)
     if not first.precompiled:
         raise WasmforgeError(f"the precompiled module next to {wasm} was not used",
                              hint="rebuild with --force to precompile it for this wasmtime")
-    in_process = median_time(lambda: runner.run(wasm, argv), runs)
+    in_process = median_time(lambda: runner.run(wasm, argv, readonly_dirs=usual_dirs, env=usual_env), runs)
     jit_runs = max(1, min(3, runs))
-    on_the_fly = median_time(lambda: Runner(use_precompiled=False).run(wasm, argv), jit_runs)
+    on_the_fly = median_time(lambda: Runner(use_precompiled=False).run(wasm, argv, readonly_dirs=usual_dirs,
+                                                                       env=usual_env), jit_runs)
     quote = " ".join(startup_args)
     rows.append(Row(f"start-up `{program} {quote}`, in-process: module loaded, new store + instantiate + run",
                     native_start, in_process, "ms"))
@@ -297,11 +304,13 @@ def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: 
     cli = median_time(lambda: subprocess.run([_invoke(), "run", str(target), "--", *startup_args],
                                              env=env, cwd=config.root, capture_output=True), runs)
     rows.append(Row("start-up, fresh process: `invoke run` (precompiled)", native_start, cli, "ms"))
-    direct = median_time(lambda: subprocess.run([sys.executable, "-m", "wasmforge.run", str(wasm), "--", *startup_args],
+    direct = median_time(lambda: subprocess.run([sys.executable, "-m", "wasmforge.run", *usual, str(wasm), "--",
+                                                 *startup_args],
                                                 cwd=config.root, capture_output=True), runs)
     rows.append(Row("start-up, fresh process: `python -m wasmforge.run MODULE` (precompiled)", native_start, direct, "ms"))
     launcher = build_launcher(config.cache_dir)
-    fast = median_time(lambda: subprocess.run([str(launcher), str(wasm), *startup_args], capture_output=True), runs)
+    fast = median_time(lambda: subprocess.run([str(launcher), *usual, str(wasm), *startup_args], capture_output=True),
+                       runs)
     peer_start = None
     if peer:
         peer_start = alternating_medians({"peer": lambda: _peer_timed(peer_command(peer, startup_args), scratch)},
@@ -317,7 +326,8 @@ def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: 
         script = _script(workload, package.sources, config, scripts, log)
         log(f"bench: {workload.name}, {slow_runs} alternating runs each ...")
         native_argv = [str(native), *workload.argv(str(script))[1:]]
-        wasm_argv = [str(launcher), "--dir", f"/bench:{scripts}", str(wasm), *workload.argv(f"/bench/{script.name}")[1:]]
+        wasm_argv = [str(launcher), *usual, "--dir", f"/bench:{scripts}", str(wasm),
+                     *workload.argv(f"/bench/{script.name}")[1:]]
         commands: dict[str, Callable[[], float | str]] = {
             "native": partial(_run_timed, native_argv, scripts, f"{workload.name} natively"),
             "wasm": partial(_run_timed, wasm_argv, scripts, f"{workload.name} in wasm"),
