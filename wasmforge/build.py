@@ -217,6 +217,8 @@ class BuildContext:
             "jobs": self.config.jobs,
             "host": self.toolchain.target,
             "sysroot": str(self.toolchain.sysroot),
+            # Our autoconf answers for WASI (CONFIG_SITE of wasm builds), for a recipe that adds its own to them.
+            "config_site": str(self.config.toolchain_dir / "config.site"),
             "deps": {name: str(p) for name, p in self.deps.items()},
             "build_tools": {name: str(p) for name, p in self.tools.items()},
         }

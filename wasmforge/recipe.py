@@ -771,7 +771,9 @@ class Recipe:
             # and links the build machine's libraries (found by pkg-config), not our wasm builds.
             build = {**build, "exceptions": False, **self.native.get("build", {})}
 
-        outputs = tuple((k, self.render_value(v, ctx, ("outputs", k))) for k, v in self.outputs.items())
+        opath: KeyPath = ("native", "outputs") if native and "outputs" in self.native else ("outputs",)
+        outputs = tuple((k, self.render_value(v, ctx, opath + (k,)))
+                        for k, v in (self.native["outputs"] if opath[0] == "native" else self.outputs).items())
         tests = tuple(self._smoke_test(i, t, ctx) for i, t in enumerate(self.tests)
                       if _test_applies(t, flavor))
         released = vspec.get("released")
@@ -1285,7 +1287,9 @@ _recipe_check = _record(
         "tests": _list_of(_test_check),
         # How to build for the build machine (--native): build keys that replace the WASI ones,
         # and the build machine's packages that provide the dependencies.
-        "native": _record({"build": _flavor_build_check, "packages": _list_of(_is_str)}),
+        "native": _record({"build": _flavor_build_check, "packages": _list_of(_is_str),
+                           # where the programs are when the build machine's names differ (no .wasm suffix)
+                           "outputs": _map_of(_is_str)}),
         "bench": _bench_check,
         "run": _run_check,
         "conformance": _conformance_check,
@@ -1327,6 +1331,9 @@ def load_recipe(file: Path) -> Recipe:
             raise doc.error(("build_tools", i), f"{tool!r} is not a native build",
                             hint="a build tool runs on the build machine: write 'native' (this recipe's own native "
                                  "build of the same version), NAME-native or NAME-VERSION-native")
+    if "outputs" in data.get("native", {}) and set(data["native"]["outputs"]) != set(outputs):
+        raise doc.error(("native", "outputs"), "names other programs than the recipe's outputs",
+                        hint=f"the same programs, built for the build machine: {', '.join(outputs) or 'none'}")
     for program in data.get("run", {}):
         if program not in outputs:
             raise doc.error(("run", program), f"{program!r} is not one of this recipe's outputs",
