@@ -332,6 +332,16 @@ def test_a_build_tool_is_the_recipes_own_native_build_made_and_stored_first(proj
     assert [(r.target, r.reused, r.key) for r in alone] == [("gen-1.0-native", True, native.key)]
 
 
+def test_a_build_tool_that_fails_stops_the_build_and_is_named(project, toolchain):
+    sha = _source(project, "gen", "1.0", GEN_FILES)
+    project.recipe("gen", _recipe("gen", sha, GEN_RECIPE.replace("make: [gen, app]", "make: [no-such-target]")))
+    summary: list = []
+    with pytest.raises(BuildError) as info:
+        _build(project, toolchain, "gen-1.0", summary=summary)
+    assert "make step of gen-1.0-native failed" in info.value.what
+    assert [o.describe() for o in summary][-1] == "gen-1.0: not built (gen-1.0-native failed)"
+
+
 @pytest.mark.parametrize("tools, message", [
     ("[gen]", "build_tools[0]: 'gen' is not a native build"),
     ("[nosuch-native]", "build_tools[0]: build tool 'nosuch-native': unknown package"),

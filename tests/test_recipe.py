@@ -299,3 +299,13 @@ def test_every_conformance_driver_a_recipe_may_name_is_implemented():
     from wasmforge.recipe import CONFORMANCE_DRIVERS
 
     assert set(DRIVERS) == set(CONFORMANCE_DRIVERS)
+
+
+def test_native_outputs_name_the_same_programs(project):
+    err = _error(project, GOOD + "native:\n  outputs: {hello: hello, extra: x}\n")
+    assert "native.outputs: names other programs than the recipe's outputs" in err.what
+    project.recipe("tiny", GOOD + "native:\n  outputs: {hello: build/hello}\n")
+    book = RecipeBook.load(project.config.recipes_dir)
+    native = book.package(dataclasses.replace(book.parse_target("tiny-1.0"), native=True))
+    assert native.outputs == (("hello", "build/hello"),)
+    assert book.package(book.parse_target("tiny-1.0")).outputs == (("hello", "hello"),)

@@ -217,8 +217,11 @@ def _python_regrtest(package: Package, config: Config, *, wasm: Mapping[str, Pat
                 env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(scratch), "TMPDIR": str(scratch),
                        "LANG": "C.UTF-8"}
             else:
+                # TMPDIR one level below the preopen: os.makedirs() of a preopened directory itself
+                # asks whether "/" exists, which WASI denies (nothing is preopened there).
+                (scratch / "work").mkdir()
                 cmd = [str(launcher), "--timeout", str(MODULE_TIMEOUT), "--dir", f"/tmp:{scratch}",
-                       "--env", "TMPDIR=/tmp", "--env", "HOME=/tmp", "--env", "LANG=C.UTF-8"]
+                       "--env", "TMPDIR=/tmp/work", "--env", "HOME=/tmp", "--env", "LANG=C.UTF-8"]
                 cmd += [a for guest, host in readonly_dirs.get("python", []) for a in ("--dir", f"{guest}:{host}:ro")]
                 cmd += [str(wasm["python"]), "-m", "test", "--junit-xml", "/tmp/junit.xml", module]
                 env = {"PATH": os.environ.get("PATH", os.defpath)}
