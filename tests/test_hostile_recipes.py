@@ -175,7 +175,8 @@ def test_the_real_recipes_are_far_inside_the_limits():
     book = RecipeBook.load(ROOT / "recipes")
     context = {"cc": "cc", "ar": "ar", "ranlib": "ranlib", "cflags": "-O2", "ldflags": "", "libs": "", "prefix": "/p",
                "destdir": "/d", "staged_prefix": "/d/p", "src": "/s", "jobs": 8, "host": "wasm32-wasi",
-               "sysroot": "/sysroot", "deps": {name: f"/deps/{name}" for name in book.recipes}}
+               "sysroot": "/sysroot", "config_site": "/c/config.site", "deps": {name: f"/deps/{name}" for name in book.recipes},
+               "build_tools": {name: f"/tools/{name}" for name in book.recipes}}
     for recipe in book.recipes.values():
         for version in recipe.versions:
             for flavor in [None, *recipe.flavors]:
