@@ -66,7 +66,8 @@ def test_php_7_4_32_refuses_a_renamed_7_4_33_tarball(php, toolchain, tmp_path):
     mirror.mkdir()
     fetched = fetch_sources(book.package(book.parse_target("php-7.4.33")).sources, config, log=lambda m: None)
     shutil.copyfile(fetched.path, mirror / "php-7.4.32.tar.xz")
-    cfg = dataclasses.replace(config, mirrors=(str(mirror),), cache_dir=tmp_path / "cache")
+    # The dependencies come from the session's store; only the sources are looked for afresh.
+    cfg = dataclasses.replace(config, mirrors=(str(mirror),), cache_dir=tmp_path / "cache", store_dir=config.artifacts)
     with pytest.raises(SourceError) as info:
         build_target(book, book.parse_target("php-7.4.32"), cfg, toolchain, log=lambda m: None)
     text = info.value.render()
