@@ -30,7 +30,7 @@ from .errors import ToolchainError, WasmforgeError
 from .outputs import run_defaults
 from .pipeline import build_target, read_manifest
 from .recipe import RecipeBook, Target
-from .run import build_launcher
+from .run import build_launcher, launcher_options
 from .runtime import Runner, wasmtime_version
 from .sources import fetch_sources
 from .toolchain import Toolchain, host_toolchain, npm_project
@@ -280,8 +280,7 @@ def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: 
     # The program starts as `invoke run` starts it: with the recipe's default directories and
     # environment (python's standard library, PHP's ICU data), as the build's manifest records them.
     usual_dirs, usual_env, _ = run_defaults(wasm_output, read_manifest(wasm_output) or {}, program)
-    usual = [a for guest, host in usual_dirs for a in ("--dir", f"{guest}:{host}:ro")]
-    usual += [a for k, v in usual_env.items() for a in ("--env", f"{k}={v}")]
+    usual = launcher_options(usual_dirs, usual_env)
     rows = []
 
     log(f"bench: start-up, {runs} runs each ...")

@@ -30,7 +30,7 @@ from xml.etree import ElementTree
 from .config import Config
 from .errors import WasmforgeError
 from .recipe import Package
-from .run import build_launcher
+from .run import build_launcher, launcher_options
 from .sources import extract_archive, fetch_sources
 
 Log = Callable[[str], None]
@@ -87,7 +87,7 @@ def write_wrapper(tree: Path, wasm: Path, config: Config, timeout: float = 300,
     name = wasm.name.removesuffix(".wasm")
     path = tree.parent / f"{name}-wasm"
     launcher = build_launcher(config.cache_dir)
-    data = "".join(f" --dir {shlex.quote(f'{guest}:{host}:ro')}" for guest, host in readonly_dirs or [])
+    data = "".join(f" {shlex.quote(a)}" for a in launcher_options(readonly_dirs or []))
     path.write_text(WRAPPER.format(launcher=shlex.quote(str(launcher)), tree=shlex.quote(str(tree)),
                                    wasm=shlex.quote(str(wasm)), timeout=timeout, data=data))
     path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
@@ -179,11 +179,15 @@ def _php_run_tests(package: Package, config: Config, *, wasm: Mapping[str, Path]
                                       logs / f"{slug}.native.log")
         wasm_counts = run_directory(native["cli"], wrapper, cgi_wrapper, tree, directory, jobs,
                                     logs / f"{slug}.wasm.log")
-        log(f"{directory}: wasm {wasm_counts.passed} passed / {wasm_counts.failed} failed / "
-            f"{wasm_counts.skipped} skipped; native {native_counts.passed} / {native_counts.failed} / "
-            f"{native_counts.skipped} ({time.perf_counter() - start:.0f} s)")
+        log(_suite_line(directory, wasm_counts, native_counts, time.perf_counter() - start))
         results[directory] = (wasm_counts, native_counts)
     return results
+
+
+def _suite_line(suite: str, wasm: Counts, native: Counts, seconds: float) -> str:
+    """The progress line of one suite's run, for every driver."""
+    return (f"{suite}: wasm {wasm.passed} passed / {wasm.failed} failed / {wasm.skipped} skipped; "
+            f"native {native.passed} / {native.failed} / {native.skipped} ({seconds:.0f} s)")
 
 
 # One module's tests may run this long (seconds) before the process is stopped.
@@ -222,7 +226,7 @@ def _python_regrtest(package: Package, config: Config, *, wasm: Mapping[str, Pat
                 (scratch / "work").mkdir()
                 cmd = [str(launcher), "--timeout", str(MODULE_TIMEOUT), "--dir", f"/tmp:{scratch}",
                        "--env", "TMPDIR=/tmp/work", "--env", "HOME=/tmp", "--env", "LANG=C.UTF-8"]
-                cmd += [a for guest, host in readonly_dirs.get("python", []) for a in ("--dir", f"{guest}:{host}:ro")]
+                cmd += launcher_options(readonly_dirs.get("python", []))
                 cmd += [str(wasm["python"]), "-m", "test", "--junit-xml", "/tmp/junit.xml", module]
                 env = {"PATH": os.environ.get("PATH", os.defpath)}
             log_file = logs / f"{module.replace('/', '_')}.{kind}.log"
@@ -237,9 +241,7 @@ def _python_regrtest(package: Package, config: Config, *, wasm: Mapping[str, Pat
             counts.append(read_junit(log_file.with_suffix(".xml")))
             shutil.rmtree(scratch, ignore_errors=True)
         native_counts, wasm_counts = counts
-        log(f"{module}: wasm {wasm_counts.passed} passed / {wasm_counts.failed} failed / "
-            f"{wasm_counts.skipped} skipped; native {native_counts.passed} / {native_counts.failed} / "
-            f"{native_counts.skipped} ({time.perf_counter() - start:.0f} s)")
+        log(_suite_line(module, wasm_counts, native_counts, time.perf_counter() - start))
         results[module] = (wasm_counts, native_counts)
     return results
 

@@ -1298,6 +1298,13 @@ _recipe_check = _record(
 )
 
 
+def _check_output(doc: SpannedDoc, path: KeyPath, program: str, outputs: Mapping[str, str]) -> None:
+    """A program a recipe names (in a test, `run:`, `conformance:`) must be one of its outputs."""
+    if program not in outputs:
+        raise doc.error(path, f"{program!r} is not one of this recipe's outputs",
+                        hint=f"outputs: {', '.join(outputs) or 'none'}")
+
+
 def load_recipe(file: Path) -> Recipe:
     if file.is_symlink() and not file.resolve().is_relative_to(file.parent.resolve()):
         # A recipe is read and quoted in messages: a link must not make it another file of the machine.
@@ -1320,9 +1327,7 @@ def load_recipe(file: Path) -> Recipe:
             spath: KeyPath = ("tests", i) + (("steps", j) if "steps" in test else ()) + ("run",)
             if not step.get("run"):
                 raise doc.error(spath, "needs at least the program to run")
-            if step["run"][0] not in outputs:
-                raise doc.error(spath + (0,), f"{step['run'][0]!r} is not one of this recipe's outputs",
-                                hint=f"outputs: {', '.join(outputs) or 'none'}")
+            _check_output(doc, spath + (0,), step["run"][0], outputs)
         for flavor in test.get("flavors", []):
             if flavor != "default" and flavor not in data.get("flavors", {}):
                 raise doc.error(("tests", i, "flavors"), f"unknown flavor {flavor!r}")
@@ -1335,13 +1340,9 @@ def load_recipe(file: Path) -> Recipe:
         raise doc.error(("native", "outputs"), "names other programs than the recipe's outputs",
                         hint=f"the same programs, built for the build machine: {', '.join(outputs) or 'none'}")
     for program in data.get("run", {}):
-        if program not in outputs:
-            raise doc.error(("run", program), f"{program!r} is not one of this recipe's outputs",
-                            hint=f"outputs: {', '.join(outputs) or 'none'}")
+        _check_output(doc, ("run", program), program, outputs)
     for role, program in data.get("conformance", {}).get("programs", {}).items():
-        if program not in outputs:
-            raise doc.error(("conformance", "programs", role), f"{program!r} is not one of this recipe's outputs",
-                            hint=f"outputs: {', '.join(outputs) or 'none'}")
+        _check_output(doc, ("conformance", "programs", role), program, outputs)
     bench = data.get("bench", {})
     for bpath, argv in [(("bench", "startup"), bench.get("startup"))] + [
             (("bench", "workloads", i, "run"), w["run"]) for i, w in enumerate(bench.get("workloads", []))]:

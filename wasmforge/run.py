@@ -96,6 +96,13 @@ def unless_given(defaults: list[tuple[str, Path]], given: list[tuple[str, Path]]
     return [(guest, host) for guest, host in defaults if guest not in taken]
 
 
+def launcher_options(readonly_dirs: list[tuple[str, Path]], env: dict[str, str] | None = None) -> list[str]:
+    """The options of wasmforge-run (and of `python -m wasmforge.run`) that preopen `readonly_dirs`
+    read-only and set `env`: how the commands pass a program's run defaults to a runner process."""
+    return ([a for guest, host in readonly_dirs for a in ("--dir", f"{guest}:{host}:ro")]
+            + [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")])
+
+
 def parse_env(item: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep:

@@ -56,9 +56,10 @@ def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner,
         # bin_dir is <install>/bin: the build's own directories are beside it, read-only (a stored
         # build must not change under a test).
         build = bin_dir.parent
-        own = [(g, host) for g, rel in test.build_dirs if (host := directory_of_build(build, rel)) is not None]
-        problems += [f"build:{rel} is not a directory inside the build {build}"
-                     for _, rel in test.build_dirs if directory_of_build(build, rel) is None]
+        resolved = [(g, rel, directory_of_build(build, rel)) for g, rel in test.build_dirs]
+        own = [(g, host) for g, _, host in resolved if host is not None]
+        problems += [f"build:{rel} is not a directory inside the build {build}" for _, rel, host in resolved
+                     if host is None]
         for index, step in enumerate([] if problems else test.steps):
             label = f"step {index + 1} `{' '.join(step.run)}`" if len(test.steps) > 1 else f"`{' '.join(step.run)}`"
             usual = (defaults or {}).get(step.run[0], NO_RUN_DEFAULTS) if test.defaults else NO_RUN_DEFAULTS
