@@ -84,9 +84,9 @@ class PlannedBuild:
     patches: list[Patch]
     inputs: dict[str, Any]
     key: str
-    cxx: CxxLibrary | None = None  # libc++ for a WASI build with C++ (`build.cxx`), found once while planning
     # What builds it: the WASI toolchain, or the build machine's compiler for a native build.
-    toolchain: Toolchain | HostToolchain | None = None
+    toolchain: Toolchain | HostToolchain
+    cxx: CxxLibrary | None = None  # libc++ for a WASI build with C++ (`build.cxx`), found once while planning
     depends: tuple[Target, ...] = ()  # the libraries it links
     build_tools: tuple[Target, ...] = ()  # the native builds whose programs it runs
 
@@ -163,7 +163,7 @@ def plan(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain 
         inputs = build_inputs(package, tc, patches, {d.name: keys[d] for d in deps}, debug=config.debug,
                               cxx=cxx.identity if cxx else None, tool_keys={str(d): keys[d] for d in tools})
         keys[t] = build_key(inputs)
-        planned.append(PlannedBuild(package, patches, inputs, keys[t], cxx, tc, deps, tools))
+        planned.append(PlannedBuild(package, patches, inputs, keys[t], tc, cxx, deps, tools))
     return planned
 
 
@@ -243,8 +243,7 @@ def build_target(book: RecipeBook, target: Target, config: Config, toolchain: To
                                         for d in item.depends}
                             tools = {d.name: outcomes[str(d)].result.prefix  # type: ignore[union-attr]
                                      for d in item.build_tools}
-                            running[pool.submit(build_package, item, config, item.toolchain or toolchain,
-                                                dep_prefixes=prefixes, tool_prefixes=tools, log=log,
+                            running[pool.submit(build_package, item, config, dep_prefixes=prefixes, tool_prefixes=tools, log=log,
                                                 force=force and item.package.target == str(target),
                                                 run_tests=run_tests, jobserver=jobserver, remote=remote)] = name
                             del waiting[name]
@@ -279,8 +278,7 @@ def build_lock(config: Config, package: Package, log: Log) -> Iterator[None]:
         yield
 
 
-def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | HostToolchain, *,
-                  dep_prefixes: dict[str, Path], tool_prefixes: Mapping[str, Path] | None = None,
+def build_package(item: PlannedBuild, config: Config, *, dep_prefixes: dict[str, Path], tool_prefixes: Mapping[str, Path] | None = None,
                   log: Log = print, force: bool = False,
                   run_tests: bool = True, jobserver: JobServer | None = None,
                   remote: Registry | None = None) -> BuildResult:
@@ -314,7 +312,7 @@ def build_package(item: PlannedBuild, config: Config, toolchain: Toolchain | Hos
         # Installed for the store entry (dependants find it there), or for the guest prefix the recipe
         # chooses: then the staged prefix, not its host path, becomes the entry.
         install_prefix = Path(package.build["prefix"]) if package.build.get("prefix") else entry
-        ctx = BuildContext(package=package, config=config, toolchain=toolchain, work=work, prefix=install_prefix,
+        ctx = BuildContext(package=package, config=config, toolchain=item.toolchain, work=work, prefix=install_prefix,
                            deps=dep_prefixes, tools=tool_prefixes or {}, jobserver=jobserver, cxx=item.cxx)
         ctx.logs.mkdir()
         timings: list[StepTiming] = []
