@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -323,3 +324,63 @@ def test_ccache_remote_storage_settings_pass_through(project, toolchain, monkeyp
     finally:
         server.shutdown()
         server.server_close()
+
+
+def _hand_made_entry(store: ArtifactStore, key: str) -> Path:
+    """An entry written the way the store writes one: files, a link, and a manifest listing them."""
+    from wasmforge.store import file_record
+    entry = store.entry(key)
+    (entry / "lib" / "python").mkdir(parents=True)
+    for i in range(50):
+        (entry / "lib" / "python" / f"m{i}.py").write_text(f"x = {i}\n")
+    (entry / "bin").mkdir()
+    (entry / "bin" / "prog.wasm").write_bytes(b"\0asm\1\0\0\0")
+    (entry / "bin" / "alias.wasm").symlink_to("prog.wasm")
+    outputs = {str(p.relative_to(entry)): file_record(p) for p in entry.rglob("*") if p.is_file() and not p.is_symlink()}
+    (entry / "manifest.json").write_text(json.dumps({"key": key, "outputs": outputs,
+                                                     "links": {"bin/alias.wasm": "prog.wasm"}}))
+    return entry
+
+
+@pytest.mark.parametrize("change", ["same size, same mtime", "extra file", "relinked", "removed", "manifest"])
+def test_a_remembered_verification_does_not_survive_a_change(tmp_path, monkeypatch, change):
+    monkeypatch.setenv("WASMFORGE_CACHE", str(tmp_path / "cache"))
+    store = ArtifactStore(tmp_path / "store")
+    key = "ab" + "0" * 62
+    entry = _hand_made_entry(store, key)
+    assert store.problem(key) is None
+    assert any(p.name.startswith("tree-") for p in (tmp_path / "cache" / "verified").iterdir())
+    assert store.problem(key) is None  # the remembered state
+    module = entry / "lib" / "python" / "m7.py"
+    if change == "same size, same mtime":  # only ctime tells: the content must be hashed again
+        st = module.stat()
+        module.write_text("y = 7\n")
+        os.utime(module, ns=(st.st_atime_ns, st.st_mtime_ns))
+        expected = "lib/python/m7.py does not match its sha256"
+    elif change == "extra file":
+        (entry / "lib" / "python" / "evil.py").write_text("import os\n")
+        expected = "lib/python/evil.py is not in the manifest"
+    elif change == "relinked":
+        (entry / "bin" / "alias.wasm").unlink()
+        (entry / "bin" / "alias.wasm").symlink_to("/bin/sh")
+        expected = "bin/alias.wasm points elsewhere"
+    elif change == "removed":
+        module.unlink()
+        expected = "lib/python/m7.py is missing"
+    else:
+        manifest = json.loads((entry / "manifest.json").read_text())
+        manifest["outputs"]["lib/python/m7.py"]["sha256"] = "0" * 64
+        (entry / "manifest.json").write_text(json.dumps(manifest))
+        expected = "lib/python/m7.py does not match its sha256"
+    assert expected in (store.problem(key) or "")
+
+
+def test_a_verification_is_not_remembered_in_a_shared_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("WASMFORGE_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "cache" / "verified").mkdir(parents=True, mode=0o777)
+    os.chmod(tmp_path / "cache" / "verified", 0o777)
+    store = ArtifactStore(tmp_path / "store")
+    key = "cd" + "1" * 62
+    _hand_made_entry(store, key)
+    assert store.problem(key) is None
+    assert not list((tmp_path / "cache" / "verified").iterdir())

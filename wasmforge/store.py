@@ -8,7 +8,8 @@ install for that guest path instead (PHP's php.ini directory is /usr/local/lib, 
 
 An entry is assembled under `.tmp/` and renamed into place, so an entry that exists is whole.
 Every use checks the files against the manifest: an entry that does not match (a truncated or
-edited file, a missing one, a broken manifest) is discarded and rebuilt, never used.
+edited file, a missing one, a broken manifest) is discarded and rebuilt, never used. An entry that
+verified is remembered by the state of its tree (ArtifactStore.problem), as a file's digest is.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BuildError
-from .verified import fd_sha256
+from .verified import fd_sha256, recall, remember
 
 # shutil, tempfile and uuid are imported by the methods that write the store: starting a stored module
 # (python -m wasmforge.run, invoke run) only verifies an entry, and should not pay for them.
@@ -99,8 +100,27 @@ class ArtifactStore:
 
     def problem(self, key: str) -> str | None:
         """Why the entry for `key` cannot be used, or None when it holds exactly what its manifest lists:
-        every file with its sha256 and size, every link with its target, and nothing else."""
+        every file with its sha256 and size, every link with its target, and nothing else.
+
+        An entry that verified is remembered by the state of its whole tree (every path with its kind,
+        device, inode, size, mtime and ctime, and every link's target), as verified.py remembers one
+        file's digest: an unchanged entry is then checked by one walk instead of opening its thousands
+        of files (CPython's stdlib is ~7,800), and any change to any file or listing checks it fully."""
         entry = self.entry(key)
+        try:
+            found = _scan_entry(entry)
+        except OSError as exc:
+            return f"cannot be read ({exc.strerror}: {exc.filename})"
+        tree_state = _tree_state(found)
+        stamp = "tree-" + hashlib.sha256(f"{entry}\0{key}".encode()).hexdigest()[:40]
+        if recall(stamp) == tree_state:
+            return None
+        if problem := self._check(key, entry, found):
+            return problem
+        remember(stamp, tree_state)
+        return None
+
+    def _check(self, key: str, entry: Path, found: list[tuple[str, str, os.stat_result, str]]) -> str | None:
         try:
             manifest = json.loads((entry / MANIFEST).read_text())
         except FileNotFoundError:
@@ -111,24 +131,20 @@ class ArtifactStore:
             return "manifest.json belongs to another build"
         files = {**_mapping(manifest.get("outputs")), **_mapping(manifest.get("logs"))}
         links = _mapping(manifest.get("links"))
-        try:
-            found = list(walk_entry(entry))
-        except OSError as exc:
-            return f"cannot be read ({exc.strerror}: {exc.filename})"
-        for rel, kind in found:
+        for rel, kind, _, target in found:
             if rel == MANIFEST:
                 continue
             if kind == "link":
                 if rel not in links:
                     return f"{rel} is a link that the manifest does not list"
-                if os.readlink(entry / rel) != links[rel]:
+                if target != links[rel]:
                     return f"{rel} points elsewhere than the manifest says"
             elif kind == "file":
                 if rel not in files:
                     return f"{rel} is not in the manifest (an extra file)"
             elif kind != "dir":
                 return f"{rel} is neither a file, a directory nor a link"
-        present = {rel for rel, kind in found}
+        present = {rel for rel, *_ in found}
         for rel in sorted(links):
             if rel not in present:
                 return f"{rel} is missing"
@@ -259,17 +275,42 @@ def entry_containing(path: Path) -> tuple[ArtifactStore, str] | None:
 
 def walk_entry(root: Path) -> Iterator[tuple[str, str]]:
     """(relative path, "file" | "dir" | "link" | "other") for everything under `root`, links not followed."""
-    for dirpath, dirnames, filenames in os.walk(root, onerror=_raise):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            mode = os.lstat(path).st_mode
-            kind = ("link" if stat.S_ISLNK(mode) else "dir" if stat.S_ISDIR(mode)
-                    else "file" if stat.S_ISREG(mode) else "other")
-            yield str(path.relative_to(root)), kind
+    for rel, kind, _, _ in _scan_entry(root):
+        yield rel, kind
 
 
-def _raise(exc: OSError) -> None:
-    raise exc
+def _scan_entry(root: Path) -> list[tuple[str, str, os.stat_result, str]]:
+    """(relative path, kind, lstat, link target or "") for everything under `root`, links not followed;
+    plain strings and scandir, since an entry can hold thousands of files and this runs at every start."""
+    found: list[tuple[str, str, os.stat_result, str]] = []
+    pending = [""]
+    base = str(root)
+    while pending:
+        prefix = pending.pop()
+        with os.scandir(os.path.join(base, prefix) if prefix else base) as listing:
+            for item in listing:
+                rel = prefix + item.name
+                st = item.stat(follow_symlinks=False)
+                mode = st.st_mode
+                if stat.S_ISLNK(mode):
+                    found.append((rel, "link", st, os.readlink(item.path)))
+                elif stat.S_ISDIR(mode):
+                    found.append((rel, "dir", st, ""))
+                    pending.append(rel + "/")
+                else:
+                    found.append((rel, "file" if stat.S_ISREG(mode) else "other", st, ""))
+    found.sort(key=lambda item: item[0])
+    return found
+
+
+def _tree_state(found: list[tuple[str, str, os.stat_result, str]]) -> str:
+    """One digest of everything that changes when any file of a tree is edited, replaced, added,
+    removed or relinked (ctime cannot be set by a user: see verified.py)."""
+    hasher = hashlib.sha256()
+    for rel, kind, st, target in found:
+        hasher.update(f"{rel}\0{kind}\0{st.st_dev} {st.st_ino} {st.st_mode} {st.st_size} {st.st_mtime_ns} "
+                      f"{st.st_ctime_ns}\0{target}\n".encode("utf-8", "surrogateescape"))
+    return hasher.hexdigest()
 
 
 def _mapping(value: Any) -> dict[str, Any]:

@@ -38,14 +38,11 @@ def fd_sha256(fd: int) -> str:
     """The sha256 of an open file's content (from its start), remembered for its current state."""
     st = os.fstat(fd)
     state = f"{st.st_size} {st.st_mtime_ns} {st.st_ctime_ns}"
-    directory = stamps_dir()
-    stamp = directory / f"{st.st_dev}-{st.st_ino}"
-    if stat.S_ISREG(st.st_mode) and _private(directory):
-        with contextlib.suppress(OSError, ValueError):
-            remembered, digest = stamp.read_text().rsplit(" ", 1)
-            digest = digest.strip()
-            if remembered == state and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
-                return digest
+    stamp = f"{st.st_dev}-{st.st_ino}"
+    if stat.S_ISREG(st.st_mode) and (text := recall(stamp)):
+        remembered, _, digest = text.rpartition(" ")
+        if remembered == state and len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+            return digest
     hasher = hashlib.sha256()
     offset = 0
     while chunk := os.pread(fd, CHUNK, offset):
@@ -53,7 +50,7 @@ def fd_sha256(fd: int) -> str:
         offset += len(chunk)
     digest = hasher.hexdigest()
     if stat.S_ISREG(st.st_mode):
-        _remember(directory, stamp, f"{state} {digest}\n")
+        remember(stamp, f"{state} {digest}")
     return digest
 
 
@@ -65,10 +62,23 @@ def file_sha256(path: Path) -> str:
         os.close(fd)
 
 
-def _remember(directory: Path, stamp: Path, text: str) -> None:
+def recall(name: str) -> str | None:
+    """The text of the stamp `name` (one line), when the stamps directory is private to this user."""
+    directory = stamps_dir()
+    if not _private(directory):
+        return None
+    try:
+        with open(directory / name, encoding="utf-8") as handle:
+            return handle.read(4096).strip()
+    except (OSError, ValueError):
+        return None
+
+
+def remember(name: str, text: str) -> None:
     """Write a stamp atomically; a cache we cannot write only costs speed."""
     import tempfile  # here: an unchanged file, the common case, needs no stamp written
 
+    directory = stamps_dir()
     with contextlib.suppress(OSError):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         if not _private(directory):
@@ -76,8 +86,8 @@ def _remember(directory: Path, stamp: Path, text: str) -> None:
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".stamp-")
         try:
             with os.fdopen(fd, "w") as out:
-                out.write(text)
-            os.replace(tmp, stamp)
+                out.write(text + "\n")
+            os.replace(tmp, directory / name)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
