@@ -21,7 +21,11 @@ PROGRAM = r"""
 #include <stdlib.h>
 #include <string.h>
 extern char **environ;
+static int depth(int n);
+static int (*volatile next_depth)(int) = depth;  /* called indirectly: never made a loop */
+static int depth(int n) { return n == 0 ? 0 : next_depth(n - 1) + 1; }
 int main(int argc, char **argv) {
+    if (argc > 2 && strcmp(argv[1], "recurse") == 0) { printf("depth %d\n", depth(atoi(argv[2]))); return 0; }
     if (argc > 1 && strcmp(argv[1], "env") == 0) {
         int n = 0;
         for (char **e = environ; *e; e++) { printf("%s\n", *e); n++; }
@@ -128,6 +132,26 @@ def test_memory_limit(modules):
     assert runner.run(modules["prog"], ["prog", "alloc", "64"]).stdout == b"allocated\n"
     limited = runner.run(modules["prog"], ["prog", "alloc", "64"], memory_limit=16 * 1024 * 1024)
     assert limited.exit_code == 2 and limited.stdout == b"out of memory\n"
+
+
+def test_deep_recursion_has_room_and_too_deep_is_a_trap_not_a_crash(modules, tmp_path):
+    """50,000 frames need more than wasmtime's default 512 KiB of wasm stack (they trap there at about
+    15,000), and fit in ours (WASM_STACK_BYTES), in both runners; recursion without end is a clean trap."""
+    from wasmforge.config import Config
+    from wasmforge.run import build_launcher
+
+    assert Runner().run(modules["prog"], ["prog", "recurse", "50000"]).stdout == b"depth 50000\n"
+    endless = Runner().run(modules["prog"], ["prog", "recurse", "100000000"])
+    assert endless.exit_code is None and "call stack exhausted" in (endless.trap or "")
+    launcher = build_launcher(Config.from_env().cache_dir)
+    wasm = tmp_path / "prog.wasm"
+    shutil.copy(modules["prog"], wasm)
+    precompile(wasm)
+    result = subprocess.run([launcher, str(wasm), "recurse", "50000"], capture_output=True, text=True,
+                            env={"WASMFORGE_RUN_DEBUG": "1"})
+    assert result.stdout == "depth 50000\n" and "precompiled" in result.stderr
+    result = subprocess.run([launcher, str(wasm), "recurse", "100000000"], capture_output=True, text=True)
+    assert result.returncode not in (0, -11) and "call stack exhausted" in result.stderr
 
 
 def test_setjmp_longjmp_through_exception_handling(modules):

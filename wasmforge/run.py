@@ -13,7 +13,7 @@ from pathlib import Path
 import wasmtime
 
 from .errors import ToolchainError, WasmforgeError
-from .runtime import Runner, aot_value_text, reserve_std_fds, wasmtime_version
+from .runtime import WASM_STACK_BYTES, Runner, aot_value_text, reserve_std_fds, wasmtime_version
 from .settings import MAX_SECONDS, positive_number
 from .store import entry_containing
 
@@ -73,6 +73,7 @@ def _aot_header() -> str:
         text = aot_value_text(exceptions)
         literal = text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
         lines.append(f'#define {name} "{literal}"')
+    lines.append(f"#define WASM_STACK_BYTES {WASM_STACK_BYTES}")
     return "\n".join(lines) + "\n"
 
 

@@ -123,6 +123,14 @@ def cpu_fingerprint() -> str:
     return hashlib.sha256(f"{platform.machine()}|{flags}".encode()).hexdigest()[:16]
 
 
+# How deep compiled wasm may recurse on the host's stack before wasmtime traps ("call stack
+# exhausted"). wasmtime's default, 512 KiB, is less than interpreters assume: CPython sizes its C
+# recursion limit for WASI (5000) on 8 MiB and trapped in 14 of its test modules (deep ASTs, json,
+# copy, repr of nested lists) before it could raise RecursionError. 4 MiB passes them all and still
+# fits the 8 MiB stack a Linux main thread and a default thread get, with room for the host's frames.
+WASM_STACK_BYTES = 4 << 20
+
+
 def engine_settings(exceptions: bool, interruptible: bool = False) -> dict[str, object]:
     # Epoch interruption lets a run be stopped in this process at its timeout, but its check on every
     # loop back-edge cost 35% of Zend/bench.php with PHP's SWITCH VM (docs/benchmarks.md). So only
@@ -148,8 +156,16 @@ def aot_value_text(exceptions: bool) -> str:
 @cache
 def make_engine(exceptions: bool, interruptible: bool = False) -> wasmtime.Engine:
     config = wasmtime.Config()
+    # wasmtime refuses a wasm stack larger than the stack it would give async calls (2 MiB by
+    # default; we make none), and the Python package has no property for that one: the C API call.
+    from wasmtime import _bindings
+
+    _bindings.wasmtime_config_async_stack_size_set(config.ptr(), WASM_STACK_BYTES + (1 << 20))
     for name, value in engine_settings(exceptions, interruptible).items():
         setattr(config, name, value)
+    # Not a setting of the precompiled code's key: wasmtime applies the stack limit when it runs,
+    # and code compiled without it loads with it.
+    config.max_wasm_stack = WASM_STACK_BYTES
     return wasmtime.Engine(config)
 
 

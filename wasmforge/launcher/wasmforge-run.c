@@ -57,6 +57,8 @@ typedef wasm_trap_t *(*wasmtime_func_callback_t)(void *, wasmtime_caller_t *, co
 
 extern wasm_config_t *wasm_config_new(void);
 extern void wasmtime_config_wasm_exceptions_set(wasm_config_t *, bool);
+extern void wasmtime_config_max_wasm_stack_set(wasm_config_t *, size_t);
+extern void wasmtime_config_async_stack_size_set(wasm_config_t *, uint64_t);
 extern wasm_engine_t *wasm_engine_new_with_config(wasm_config_t *);
 extern wasmtime_error_t *wasmtime_module_deserialize(wasm_engine_t *, const uint8_t *, size_t, wasmtime_module_t **);
 extern wasmtime_error_t *wasmtime_module_deserialize_file(wasm_engine_t *, const char *, wasmtime_module_t **);
@@ -296,6 +298,16 @@ static void fail(const char *what, wasmtime_error_t *error, wasm_trap_t *trap) {
     exit(trap ? 134 : 1);
 }
 
+/* The engine settings of precompile (runtime.engine_settings, for the uninterruptible engine): the
+ * wasm stack of WASM_STACK_BYTES, which wasmtime allows only within its async stack size. */
+static wasm_engine_t *new_engine(bool exceptions) {
+    wasm_config_t *config = wasm_config_new();
+    wasmtime_config_wasm_exceptions_set(config, exceptions);
+    wasmtime_config_async_stack_size_set(config, (uint64_t)WASM_STACK_BYTES + (1u << 20));
+    wasmtime_config_max_wasm_stack_set(config, WASM_STACK_BYTES);
+    return wasm_engine_new_with_config(config);
+}
+
 static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
     bool debug = getenv("WASMFORGE_RUN_DEBUG") != NULL;
     size_t n = strlen(wasm);
@@ -364,9 +376,7 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
              * which a file renamed into place cannot change. */
             char own[64];
             snprintf(own, sizeof own, "/proc/self/fd/%d", code_fd);
-            wasm_config_t *config = wasm_config_new();
-            wasmtime_config_wasm_exceptions_set(config, exceptions);
-            wasm_engine_t *engine = wasm_engine_new_with_config(config);
+            wasm_engine_t *engine = new_engine(exceptions);
             wasmtime_error_t *error = code ? wasmtime_module_deserialize(engine, code, code_size, &module)
                                            : wasmtime_module_deserialize_file(engine, own, &module);
             if (!error) {
@@ -398,9 +408,7 @@ static wasmtime_module_t *load(const char *wasm, wasm_engine_t **engine_out) {
         if (strcmp(again, wasm_sha) != 0) { fprintf(stderr, "wasmforge-run: %s changed while starting\n", wasm); exit(1); }
     }
     close(wasm_fd);
-    wasm_config_t *config = wasm_config_new();
-    wasmtime_config_wasm_exceptions_set(config, true);
-    *engine_out = wasm_engine_new_with_config(config);
+    *engine_out = new_engine(true);
     if (debug) fprintf(stderr, "wasmforge-run: compiling %s (no usable %s)\n", wasm, cwasm);
     wasmtime_error_t *error = wasmtime_module_new(*engine_out, wasm_bytes, wasm_size, &module);
     if (error) fail("cannot compile the module", error, NULL);
