@@ -70,3 +70,29 @@ def test_a_regrtest_junit_report_is_counted_per_test(tmp_path):
         else:
             path.write_text(text)
         assert read_junit(path).run == 0
+
+
+def test_why_native_passes_do_not_pass_in_wasm_comes_from_the_wasm_report(tmp_path):
+    from wasmforge.conformance import _read_regrtest_run, lost_causes, read_junit
+
+    path = tmp_path / "r.wasm.xml"
+    path.write_text(JUNIT)
+    wasm = read_junit(path)
+    assert wasm.reasons == {"test.test_x.A.test_fails": "failed: 1 != 2", "test.test_x.A.test_errs": "failed: no",
+                            "test.test_x.A.test_skip": "skipped: needs fork",
+                            "test.test_x.A.test_subtests": "failed: a subtest failed"}
+    native = Counts(passed=5, passes=["test.test_x.A.test_ok", "test.test_x.A.test_fails", "test.test_x.A.test_errs",
+                                      "test.test_x.A.test_skip", "test.test_x.A.test_subtests"])
+    assert sorted(lost_causes({"test_x": (wasm, native)})) == [
+        ("failed: 1 != 2", 1), ("failed: a subtest failed", 1), ("failed: no", 1), ("skipped: needs fork", 1)]
+    # A module that ran no test in wasm: its log says why, and every native pass is lost to that.
+    log = tmp_path / "test_y.wasm.log"
+    log.write_text("0:00:00 [1/1] test_y\ntest_y skipped -- No module named '_testcapi'\n")
+    skipped = _read_regrtest_run(log)
+    assert skipped.note == "the module is skipped: No module named '_testcapi'"
+    log.write_text("Error: failed to run main module\nCaused by:\n    wasm trap: call stack exhausted\n")
+    assert _read_regrtest_run(log).note == "the module stopped: wasm call stack exhausted"
+    assert lost_causes({"test_y": (skipped, native)}) == [("the module is skipped: No module named '_testcapi'", 5)]
+    # Quoted names (temporary files) are left out, so one cause is one group.
+    path.write_text(JUNIT.replace('message="no"', "message=\"PermissionError: denied: '/tmp/tmpa8x2'\""))
+    assert read_junit(path).reasons["test.test_x.A.test_errs"] == "failed: PermissionError: denied: '…'"

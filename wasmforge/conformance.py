@@ -63,6 +63,10 @@ class Counts:
     passes: list[str] | None = None
     # Tests of the directory that run-tests never reported (it hung, or was stopped).
     missing: int = 0
+    # Why a test did not pass, where the report says (a skip's reason, a failure's exception), and
+    # why a whole module ran no test (skipped at import, a trap): for the report's causes.
+    reasons: dict[str, str] | None = None
+    note: str = ""
 
     @property
     def run(self) -> int:
@@ -238,7 +242,7 @@ def _python_regrtest(package: Package, config: Config, *, wasm: Mapping[str, Pat
                     out.write(f"\nwasmforge: stopped after {MODULE_TIMEOUT + 60} s\n")
             if report.is_file():
                 shutil.copyfile(report, log_file.with_suffix(".xml"))
-            counts.append(read_junit(log_file.with_suffix(".xml")))
+            counts.append(_read_regrtest_run(log_file))
             shutil.rmtree(scratch, ignore_errors=True)
         native_counts, wasm_counts = counts
         log(_suite_line(module, wasm_counts, native_counts, time.perf_counter() - start))
@@ -246,9 +250,32 @@ def _python_regrtest(package: Package, config: Config, *, wasm: Mapping[str, Pat
     return results
 
 
+def _read_regrtest_run(log_file: Path) -> Counts:
+    """The counts of one module's run (its report beside its log), and why it ran no test, if so."""
+    counts = read_junit(log_file.with_suffix(".xml"))
+    if counts.passed + counts.failed == 0 and log_file.is_file():
+        with log_file.open(errors="replace") as handle:
+            text = handle.read(MAX_REPORT_BYTES)
+        if found := re.search(r"^\S+ skipped -- (.+)$", text, re.M):  # the module's own words: names matter
+            counts.note = f"the module is skipped: {found.group(1).strip()[:100]}"
+        elif "call stack exhausted" in text:
+            counts.note = "the module stopped: wasm call stack exhausted"
+        elif found := re.search(r"wasm trap: (.+)$", text, re.M):
+            counts.note = f"the module stopped: wasm trap: {_short(found.group(1))}"
+        elif "killed by the timeout" in text or "wasmforge: stopped after" in text:
+            counts.note = "the module stopped: the runner's timeout"
+    return counts
+
+
+def _short(text: str) -> str:
+    """A reason as a group name: quoted names (temporary files, values) left out, one line, bounded."""
+    text = re.sub(r"'[^'\n]*'|\"[^\"\n]*\"", "'…'", text.strip().splitlines()[0] if text.strip() else "")
+    return text if len(text) <= 100 else text[:99] + "…"
+
+
 def read_junit(path: Path) -> Counts:
     """Counts of one regrtest --junit-xml report; no report (the process died) counts nothing."""
-    counts = Counts(failures=[], passes=[])
+    counts = Counts(failures=[], passes=[], reasons={})
     if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
         return counts
     text = path.read_text(errors="replace")
@@ -260,14 +287,18 @@ def read_junit(path: Path) -> Counts:
         return counts
     for case in root.iter("testcase"):
         name = case.get("name", "?")
-        children = {child.tag for child in case}
+        children = {child.tag: child for child in case}
         if "skipped" in children:
             counts.skipped += 1
-        elif children & {"failure", "error"} or case.get("status") is None:
+            counts.reasons[name] = f"skipped: {_short(children['skipped'].text or '')}"
+        elif {"failure", "error"} & children.keys() or case.get("status") is None:
             # No result recorded: a subtest failed (regrtest records only whole tests' results).
             counts.failed += 1
             counts.failures.append(name)
-        elif children & {"output", "outcome"}:  # an expected failure, an unexpected success
+            problem = children.get("error", children.get("failure"))
+            counts.reasons[name] = ("failed: " + _short(problem.get("message") or problem.get("type") or "")
+                                    if problem is not None else "failed: a subtest failed")
+        elif {"output", "outcome"} & children.keys():  # an expected failure, an unexpected success
             counts.other += 1
         else:
             counts.passed += 1
@@ -328,6 +359,22 @@ def wasm_rate(wasm: Counts, native: Counts) -> float | None:
     return len(set(native.passes) & set(wasm.passes or [])) / len(set(native.passes))
 
 
+MAX_CAUSES = 30
+
+
+def lost_causes(results: dict[str, tuple[Counts, Counts]]) -> list[tuple[str, int]]:
+    """(cause, tests) of the tests that pass natively and not in wasm, most first, where the wasm run
+    says why (drivers whose reports give reasons); [] when none does."""
+    counts: dict[str, int] = {}
+    for w, n in results.values():
+        if w.reasons is None:
+            continue
+        for test in set(n.passes or []) - set(w.passes or []):
+            cause = w.reasons.get(test) or w.note or "not run in wasm (the module stopped before it)"
+            counts[cause] = counts.get(cause, 0) + 1
+    return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
 def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], command: str,
                   tree: Path | None = None) -> str:
     driver = DRIVERS[package.recipe.conformance["driver"]]
@@ -349,6 +396,11 @@ def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], c
         for label, c in (("wasm", w), ("native", n)):
             if c.missing:
                 incomplete.append(f"`{directory}` ({label}): {c.missing} tests not reported")
+    kept = sum(len(set(n.passes or []) & set(w.passes or [])) for w, n in results.values())
+    native_passes = sum(len(set(n.passes or [])) for _, n in results.values())
+    if native_passes:
+        lines += ["", f"All {len(results)} {driver.unit}s together: {kept:,} of the {native_passes:,} tests that pass "
+                      f"natively pass in wasm (**{kept / native_passes:.1%}**)."]
     if incomplete:
         lines += ["", "Tests that run-tests did not report (files it does not collect; where wasm has more, run-tests'",
                   "parallel mode hung near the end of the directory and was stopped): " + "; ".join(incomplete)
@@ -361,6 +413,14 @@ def render_report(package: Package, results: dict[str, tuple[Counts, Counts]], c
         groups = driver.classify(tree, lost_all)
         for cause, tests in sorted(groups.items(), key=lambda kv: -len(kv[1])):
             lines.append(f"| {cause} | {len(tests)} |")
+    elif causes := lost_causes(results):
+        lines += ["", "## Why tests that pass natively do not pass in wasm", "",
+                  "From the wasm run's report: a skip's reason, a failure's exception, or why the module ran no "
+                  "test (quoted names left out):", "", "| cause | tests |", "|---|---:|"]
+        for cause, count in causes[:MAX_CAUSES]:
+            lines.append(f"| {cause.replace('|', '/')} | {count} |")
+        if len(causes) > MAX_CAUSES:
+            lines.append(f"| {len(causes) - MAX_CAUSES} other causes | {sum(c for _, c in causes[MAX_CAUSES:])} |")
     lines += ["", "Tests that pass natively but do not pass in wasm (failed, or skipped because a feature is",
               f"missing), per {driver.unit}:", ""]
     for directory, (w, n) in results.items():
@@ -386,7 +446,7 @@ def _read_run_tests_logs(root: Path, suite: str) -> tuple[Counts, Counts] | None
 def _read_regrtest_logs(root: Path, suite: str) -> tuple[Counts, Counts] | None:
     if (logs := _suite_logs(root, suite)) is None:
         return None
-    return read_junit(logs[0].with_suffix(".xml")), read_junit(logs[1].with_suffix(".xml"))
+    return _read_regrtest_run(logs[0]), _read_regrtest_run(logs[1])
 
 
 @dataclass(frozen=True)
