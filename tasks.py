@@ -334,7 +334,7 @@ def conformance(ctx, target, jobs=None, output=None, from_logs=False):
                              hint="add conformance: {driver: php-run-tests, programs: {...}, suites: [...], report: ...}")
     programs: dict[str, str] = spec["programs"]
     _, native, _ = _built(config, book, target, native=True)
-    dirs = _remainder(ctx) or list(spec["suites"])
+    dirs = _remainder(ctx) or package.conformance_suites()
     if from_logs:
         results = results_from_logs(package, config, dirs)
     else:

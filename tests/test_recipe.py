@@ -286,6 +286,15 @@ def test_the_conformance_report_is_rendered_per_version_and_stays_in_the_checkou
     package = book.package(book.parse_target("tiny-1.1"))
     assert package.recipe.conformance["suites"] == ["tests", "ext/a/tests"]
     assert package.conformance_report() == "docs/conformance-1.md"
+    # Suites are rendered per version too (upstream renames test modules between releases).
+    project.recipe("tiny", GOOD + CONFORMANCE.replace("ext/a/tests", "\"ext/${{ 'new' if minor == '1' else 'old' }}\""))
+    book = RecipeBook.load(project.config.recipes_dir)
+    assert book.package(book.parse_target("tiny-1.1")).conformance_suites() == ["tests", "ext/new"]
+    project.recipe("tiny", GOOD + CONFORMANCE.replace("ext/a/tests", "\"${{ '/etc' }}\""))
+    book = RecipeBook.load(project.config.recipes_dir)
+    with pytest.raises(RecipeError) as info:
+        book.package(book.parse_target("tiny-1.1")).conformance_suites()
+    assert "'/etc' is not a plain relative path" in info.value.what
     project.recipe("tiny", GOOD + CONFORMANCE.replace("docs/conformance-${{ major }}.md", "/etc/${{ name }}"))
     book = RecipeBook.load(project.config.recipes_dir)
     with pytest.raises(RecipeError) as info:

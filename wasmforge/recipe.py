@@ -636,6 +636,19 @@ class Package:
     def base_context(self) -> dict[str, Any]:
         return self.recipe.context(self.version, self.flavor)
 
+    def conformance_suites(self) -> list[str]:
+        """The suites `invoke conformance` runs by default, rendered for this version (test modules
+        are renamed between releases)."""
+        suites = []
+        for i, suite in enumerate(self.recipe.conformance.get("suites", [])):
+            path: KeyPath = ("conformance", "suites", i)
+            rendered = str(self.recipe.render_value(suite, self.base_context(), path))
+            if not plain_relative(rendered):
+                raise self.recipe.doc.error(path, f"{rendered!r} is not a plain relative path",
+                                            hint="a test directory or module of the source tree")
+            suites.append(rendered)
+        return suites
+
     def conformance_report(self) -> str:
         """Where `invoke conformance` writes its report by default: the recipe's `conformance.report`,
         rendered for this version, a plain path inside the checkout."""
