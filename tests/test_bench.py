@@ -99,3 +99,26 @@ def test_workload_arguments_name_the_script():
     workload = Workload("bench", ("php", "-n", "bench.php", "x"), source="Zend/bench.php")
     assert workload.script == "bench.php"
     assert workload.argv("/bench/bench.php") == ["php", "-n", "/bench/bench.php", "x"]
+
+
+def test_the_sizes_of_a_builds_files_and_directories_raw_and_gzipped(tmp_path):
+    import gzip
+
+    from wasmforge.bench import tree_sizes
+    from wasmforge.errors import WasmforgeError
+
+    out = tmp_path / "build"
+    (out / "lib" / "std" / "pkg").mkdir(parents=True)
+    (out / "lib" / "std" / "a.py").write_text("x = 1\n" * 1000)
+    (out / "lib" / "std" / "pkg" / "b.py").write_text("y = 2\n")
+    (out / "lib" / "std" / "link.py").symlink_to("a.py")  # a link is not counted twice
+    (out / "share").mkdir()
+    (out / "share" / "std.zip").write_bytes(bytes(range(256)) * 40)
+    raw, packed = tree_sizes(out, "lib/std")
+    assert raw == 6000 + 6
+    assert 0 < packed < 6000  # one compressed tar stream of both files
+    assert tree_sizes(out, "share/std.zip") == (10240, len(gzip.compress(bytes(range(256)) * 40, 9, mtime=0)))
+    (out / "escape").symlink_to(tmp_path)
+    for bad in ("lib/missing", "../build", "/etc", "escape"):
+        with pytest.raises(WasmforgeError, match="is not a file or directory of the build"):
+            tree_sizes(out, bad)

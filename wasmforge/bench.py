@@ -27,9 +27,9 @@ from pathlib import Path
 
 from .config import Config
 from .errors import ToolchainError, WasmforgeError
-from .outputs import run_defaults
+from .outputs import plain_relative, run_defaults
 from .pipeline import build_target, read_manifest
-from .recipe import RecipeBook, Target
+from .recipe import Package, RecipeBook, Target
 from .run import build_launcher, launcher_options
 from .runtime import Runner, wasmtime_version
 from .sources import fetch_sources
@@ -169,7 +169,7 @@ def measure_builds(book: RecipeBook, target: Target, config: Config, toolchain: 
     return rows, output
 
 
-def measure_sizes(output: Path) -> list[Row]:
+def measure_sizes(output: Path, package: Package | None = None) -> list[Row]:
     manifest = read_manifest(output) or {}
     rows = []
     for rel, sizes in sorted(manifest.get("sizes", {}).items()):
@@ -184,7 +184,54 @@ def measure_sizes(output: Path) -> list[Row]:
                                     sizes["optimized"][part], "bytes"))
         else:
             rows.append(Row(f"`{name}` gzip -9", None, sizes["raw"]["gzip"], "bytes"))
+    for label, spec in (package.recipe.bench.get("sizes", {}) if package else {}).items():
+        rel = str(package.recipe.render_value(spec, package.base_context(), ("bench", "sizes", label)))
+        raw, packed = tree_sizes(output, rel)
+        rows.append(Row(f"{label} (`{rel}`) raw", None, raw, "bytes"))
+        rows.append(Row(f"{label} (`{rel}`) gzip -9", None, packed, "bytes"))
     return rows
+
+
+def tree_sizes(output: Path, rel: str) -> tuple[int, int]:
+    """(bytes, gzip -9 bytes) of a file or directory of the build in `output`: a directory's regular
+    files summed, and compressed as one tar stream of them in name order (what a download of it costs)."""
+    import gzip
+
+    root = output.resolve()
+    path = (output / rel).resolve() if plain_relative(rel) else None
+    if path is None or not path.is_relative_to(root) or not path.exists():
+        raise WasmforgeError(f"bench: {rel} is not a file or directory of the build in {output}",
+                             hint="the recipe's bench.sizes names paths inside the build")
+    counter = _CountingSink()
+    with gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=9, mtime=0) as packed:  # type: ignore[arg-type]
+        if path.is_file():
+            files = [path]
+            with path.open("rb") as handle:
+                shutil.copyfileobj(handle, packed)
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and not p.is_symlink())
+            with tarfile.open(fileobj=packed, mode="w|") as tar:
+                for file in files:
+                    info = tar.gettarinfo(str(file), arcname=str(file.relative_to(path.parent)))
+                    info.uid = info.gid = info.mtime = 0
+                    info.uname = info.gname = ""
+                    with file.open("rb") as handle:
+                        tar.addfile(info, handle)
+    return sum(f.stat().st_size for f in files), counter.size
+
+
+class _CountingSink:
+    """A write-only file that only counts what is written to it."""
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 def _script(workload: Workload, package_sources, config: Config, dest: Path, log: Log) -> Path:
@@ -412,7 +459,7 @@ def run_bench(book: RecipeBook, target: Target, config: Config, toolchain: Toolc
             rows += build_rows
         else:
             output = build_target(book, target, config, toolchain, log=lambda m: None)[-1].output
-        rows += measure_sizes(output)
+        rows += measure_sizes(output, book.package(target))
         rows += measure_runs(book, target, config, output, scratch, runs, log, peer)
         return rows
     finally:

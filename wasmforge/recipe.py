@@ -1209,6 +1209,9 @@ _bench_check = _record({
     "workloads": _list_of(_record({"name": _is_str, "source": _is_relative_path, "file": _is_relative_path,
                                    "run": _list_of(_is_scalar_arg)},
                                   required=("name", "run"), rule=_bench_workload_rule)),
+    # More of the build to measure than its modules: a label, and a file or directory of the build
+    # (templated), whose size `invoke bench` gives raw and gzip -9 (a directory as a tar stream).
+    "sizes": _map_of(_is_relative_path),
     # Another project's build of the same interpreter that `invoke bench --peer` runs beside ours:
     # an npm project (a directory under toolchain/ with package.json, a package-lock.json that pins
     # every package's integrity, and the script that runs it) and the versions it is the peer for.
