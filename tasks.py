@@ -389,6 +389,21 @@ def launcher(ctx):
     log(f"usage: {path.name} [--dir GUEST:HOST]... [--env K=V]... build-output/<pkg>/<version>/bin/<program>.wasm [ARGS...]")
 
 
+@task(help={"install": "provision the runtimes that can be (WasmEdge from Debian trixie's packages, wasmtime's CLI "
+                       "from its pinned wheel) into the cache"})
+@cli
+def runtimes(ctx, install=False):
+    """Show the WebAssembly runtimes besides our own (WasmEdge, wasmtime's CLI, Node.js's WASI): version, origin or why not."""
+    from wasmforge.runtimes import runtimes as find_runtimes
+    found = find_runtimes(_config(), install=install, log=log)
+    width = max(len(r.name) for r in found)
+    for runtime in found:
+        state = runtime.version if runtime.available else "missing"
+        print(f"{runtime.name:<{width}}  {state:<9}  {runtime.origin}")
+    if install and not all(r.available for r in found):
+        raise WasmforgeError("not every runtime could be provisioned (see above)")
+
+
 @task(help={"flavor": "package a flavor of the package",
             "dist": "the directory to write to (default: dist/)",
             "sign-key": "an ed25519 private key (PEM) to sign the provenance with (a DSSE envelope)"})

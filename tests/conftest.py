@@ -128,6 +128,7 @@ class Route:
     failures: int = 0
     status: int = 200
     hits: int = field(default=0)
+    content_type: str | None = None
 
 
 class LocalServer:
@@ -144,6 +145,8 @@ class LocalServer:
                 route.hits += 1
                 self.send_response(route.status)
                 self.send_header("Content-Length", str(len(route.body)))
+                if route.content_type:
+                    self.send_header("Content-Type", route.content_type)
                 self.end_headers()
                 if route.cut_at is not None and route.hits <= route.failures:
                     self.wfile.write(route.body[:route.cut_at])

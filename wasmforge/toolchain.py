@@ -387,7 +387,7 @@ def install_debian(config: Config, *, log: Log = print) -> Toolchain:
     root = _toolchains_dir(config) / f"debian-llvm{llvm}-wasi-libc-{libc_version.replace('~', '_')}"
     if (root / IDENTITY_FILE).exists():
         return _make(config, "debian", root, f"assembled from Debian packages in {root}")
-    deb_path = _fetch_deb(config, deb, libc_pin["suite"], log)
+    deb_path = fetch_deb(config, deb, libc_pin["suite"], log)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".assemble-"))
     try:
@@ -422,7 +422,7 @@ def install_debian(config: Config, *, log: Log = print) -> Toolchain:
     return _make(config, "debian", root, f"assembled from Debian packages in {root}")
 
 
-def _fetch_deb(config: Config, deb: RemoteFile, suite: str, log: Log) -> Path:
+def fetch_deb(config: Config, deb: RemoteFile, suite: str, log: Log) -> Path:
     """A .deb in our cache, checked against the sha256 Debian's signed index gives (again at every use)."""
     deb_path = config.cache_dir / "debs" / deb.name
     if deb_path.is_file() and file_sha256(deb_path) != deb.sha256:
@@ -446,7 +446,7 @@ def debian_tool(config: Config, name: str, *, log: Log = print) -> Path:
     binary = root / pin["binary"]
     if binary.is_file():
         return binary
-    deb_path = _fetch_deb(config, deb, pin["suite"], log)
+    deb_path = fetch_deb(config, deb, pin["suite"], log)
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".unpack-"))
     try:

