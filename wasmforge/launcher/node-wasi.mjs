@@ -1,9 +1,9 @@
 // Runs a WASI preview 1 command module in Node.js's node:wasi (Node.js >= 20: no flag needed).
 // Written by wasmforge; `invoke runtimes` reports it as the `node` runtime.
 //
-//   node node-wasi.mjs [--dir GUEST:HOST]... [--env K=V]... MODULE.wasm [ARGS...]
+//   node node-wasi.mjs [--dir GUEST:HOST]... [--env K=V]... [--argv0 NAME] MODULE.wasm [ARGS...]
 //
-// argv[0] of the module is MODULE's file name without .wasm, as our other runners give it; the
+// argv[0] of the module is NAME, or MODULE's file name without .wasm, as our other runners give it; the
 // environment holds only what --env gives; the exit status is the module's. node:wasi has no
 // read-only preopens, so GUEST:HOST:ro is refused rather than silently made writable.
 import { readFile } from "node:fs/promises";
@@ -18,6 +18,7 @@ function fail(message) {
 
 const preopens = {};
 const env = {};
+let argv0 = null;
 let rest = argv.slice(2);
 while (rest.length && rest[0].startsWith("--")) {
   const [option, value] = rest;
@@ -32,17 +33,19 @@ while (rest.length && rest[0].startsWith("--")) {
     const eq = value.indexOf("=");
     if (eq <= 0) fail(`--env ${value}: expected K=V`);
     env[value.slice(0, eq)] = value.slice(eq + 1);
+  } else if (option === "--argv0") {
+    argv0 = value;
   } else {
     fail(`unknown option ${option}`);
   }
   rest = rest.slice(2);
 }
-if (!rest.length) fail("usage: node node-wasi.mjs [--dir GUEST:HOST]... [--env K=V]... MODULE.wasm [ARGS...]");
+if (!rest.length) fail("usage: node node-wasi.mjs [--dir GUEST:HOST]... [--env K=V]... [--argv0 NAME] MODULE.wasm [ARGS...]");
 const [module, ...args] = rest;
 
 const wasi = new WASI({
   version: "preview1",
-  args: [basename(module).replace(/\.wasm$/, ""), ...args],
+  args: [argv0 ?? basename(module).replace(/\.wasm$/, ""), ...args],
   env,
   preopens,
   returnOnExit: true,
