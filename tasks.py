@@ -253,6 +253,32 @@ def test(ctx, target, flavor=None, runtime="wasmtime"):
         raise Exit(code=1)
 
 
+@task(help={"output": "the Markdown file the table is appended to (default: docs/runtimes.md)"})
+@cli
+def matrix_test(ctx, target, output="docs/runtimes.md"):
+    """Run the smoke tests of every built flavor of a target in every runtime; append the table to docs/runtimes.md."""
+    from wasmforge.matrix import matrix_test as run_matrix
+    from wasmforge.matrix import render
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    parsed = book.parse_target(target)
+    found, cells = run_matrix(book, parsed, config, log=print)
+    if not any(c.outcomes for c in cells):
+        raise WasmforgeError(f"no flavor of {parsed.name}-{parsed.version} is built",
+                             hint=f"invoke build {parsed.name}-{parsed.version} (and --flavor F)")
+    text = render(book.package(parsed), found, cells, f"invoke matrix-test {target}")
+    path = Path(output) if Path(output).is_absolute() else Path(__file__).parent / output
+    if not path.exists():
+        path.write_text("# Which build runs where\n\nEach table: `invoke matrix-test <target>`, the recipe's smoke "
+                        "tests of every built flavor in our runner and in every runtime `invoke runtimes` has "
+                        "(n/a: a test the runtime cannot run as written; a failure gives the first one in the "
+                        "runtime's own words).\n")
+    with path.open("a") as handle:
+        handle.write("\n" + text)
+    print(text)
+    print(f"appended to {path}")
+
+
 @task(iterable=["dir", "env"], help={
     "dir": "GUEST:HOST directory to preopen, e.g. /data:./data; GUEST:HOST:ro read-only (repeatable)",
     "env": "K=V environment variable for the module (repeatable; the environment is empty otherwise)",

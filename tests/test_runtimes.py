@@ -161,3 +161,21 @@ def test_a_test_that_a_runtime_cannot_run_is_reported_as_such_not_passed(tmp_pat
     assert not outcome.passed and outcome.unsupported == "limited: no memory limit" and not outcome.problems
     assert lines == ["  n/a  t: limited: no memory limit"]
     assert outcome.as_dict()["unsupported"] == "limited: no memory limit"
+
+
+def test_the_matrix_says_pass_fail_and_not_supported_with_the_runtimes_own_words():
+    from wasmforge.matrix import Cell
+    from wasmforge.smoke import TestOutcome
+
+    ok = TestOutcome("a", True, 0.1, "x")
+    bad = TestOutcome("b", False, 0.1, "x", ("`php -r ...`: expected exit code 0, got exit code 1\n  stderr was: "
+                                              "'exceptions proposal not enabled'",))
+    na = TestOutcome("c", False, 0.0, "x", unsupported="node: no memory limit is set through its command line here")
+    assert Cell("default", "wasmtime", (ok, ok)).text() == "**pass** 2/2"
+    assert Cell("default", "node", (ok, na)).text() == \
+        "**pass** 1/2; 1 n/a (node: no memory limit is set through its command line here)"
+    text = Cell("default", "wasmedge", (ok, bad)).text()
+    assert text.startswith("**fail** 1/2; first failure: b: `php -r ...`: expected exit code 0, got exit code 1")
+    assert "exceptions proposal not enabled" in text and "\n" not in text
+    assert Cell("portable", "node", absent="not built: invoke build php-7.4.33-portable").text() == \
+        "– (not built: invoke build php-7.4.33-portable)"
