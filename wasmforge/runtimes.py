@@ -38,7 +38,7 @@ from .errors import SourceError, ToolchainError
 from .runtime import WASM_STACK_BYTES, RunResult, uses_exceptions
 from .smoke import Unsupported
 from .sources import extract_archive
-from .toolchain import fetch_deb, load_pins, npm_pack
+from .toolchain import assemble_tool, fetch_deb, load_pins, npm_pack
 from .verified import file_sha256
 
 Log = Callable[[str], None]
@@ -221,24 +221,9 @@ def _install_wasmtime_cli(config: Config, pin: dict[str, Any], root: Path, log: 
 
 def _assemble(root: Path, unpack: Callable[[Path], str], version: str, probe: Callable[[Path], list[str]],
               log: Log) -> None:
-    """Build a runtime's directory aside, prove that it starts (`probe`: its command there), and
-    rename it into place with its identity: a directory that exists is whole."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=root.parent, prefix=".assemble-"))
-    try:
-        origin = unpack(staging)
-        argv = probe(staging)
-        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-        if result.returncode != 0:
-            raise ToolchainError(f"the provisioned {root.name} does not start ({Path(argv[-2]).name} --version)",
-                                 details=(result.stderr or result.stdout)[-2000:])
-        (staging / IDENTITY).write_text(json.dumps({"version": version, "origin": origin,
-                                                    "reports": result.stdout.strip()[:200]}, indent=2))
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    """A runtime's directory, whole or not at all (toolchain.assemble_tool), with its identity."""
+    assemble_tool(root, unpack, probe,
+                  lambda origin, reported: {"version": version, "origin": origin, "reports": reported[:200]}, IDENTITY)
     log(f"provisioned {root.name} in {root}")
 
 

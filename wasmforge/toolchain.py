@@ -304,26 +304,18 @@ def install_wasm_opt(config: Config, *, log: Log = print) -> WasmOpt:
         raise ToolchainError(f"the pinned wasm-opt ({spec} from npm) needs Node.js and npm, which are not installed",
                              hint="apt-get install nodejs npm, or set WASMFORGE_WASM_OPT to a wasm-opt (Binaryen >= 117)")
     dest = _wasm_opt_dir(config)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".fetch-"))
-    try:
+
+    def unpack(staging: Path) -> str:
         log(f"fetching wasm-opt: npm pack {spec}")
         tarball = npm_pack(npm, spec, pin["integrity"], staging, hint="or set WASMFORGE_WASM_OPT")
         extract_archive(tarball, staging / "tree")
         (staging / "tree").rename(staging / "package")
-        wasm_opt = staging / "package" / "bin" / "wasm-opt"
-        out = subprocess.run([node, str(wasm_opt), "--version"], capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            raise ToolchainError(f"{spec}'s wasm-opt does not run with {node}",
-                                 details=(out.stderr or out.stdout)[-2000:], hint="Node.js >= 18 is needed")
-        origin = f"npm {spec}, {pin['integrity'][:20]}..."
-        (staging / TOOL_IDENTITY).write_text(json.dumps({"version": out.stdout.strip(), "origin": origin}))
         tarball.unlink()
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(staging, dest)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        return f"npm {spec}, {pin['integrity'][:20]}..."
+
+    assemble_tool(dest, unpack, lambda staging: [node, str(staging / "package" / "bin" / "wasm-opt"), "--version"],
+                  lambda origin, reported: {"version": reported, "origin": origin}, TOOL_IDENTITY,
+                  hint="Node.js >= 18 is needed")
     log(f"wasm-opt installed in {dest}")
     found = find_wasm_opt(config)
     assert found is not None
@@ -445,6 +437,28 @@ def debian_tool(config: Config, name: str, *, log: Log = print) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return binary
+
+
+def assemble_tool(dest: Path, unpack: Callable[[Path], str], probe: Callable[[Path], list[str]],
+                  identity: Callable[[str, str], dict[str, Any]], identity_file: str, *, hint: str = "") -> None:
+    """Put a fetched tool into `dest` whole or not at all: `unpack` fills a directory beside it (and says
+    where the files came from), `probe` is the command that must start there (`--version`: what it
+    reports goes into the identity file), and the directory is renamed into place."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".assemble-"))
+    try:
+        origin = unpack(staging)
+        argv = probe(staging)
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if result.returncode != 0:
+            raise ToolchainError(f"{dest.name} does not start ({Path(argv[-2]).name} --version)",
+                                 details=(result.stderr or result.stdout)[-2000:], hint=hint)
+        (staging / identity_file).write_text(json.dumps(identity(origin, result.stdout.strip()), indent=2))
+        if dest.exists():
+            shutil.rmtree(dest)
+        os.replace(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def npm_pack(npm: str, spec: str, integrity: str, directory: Path, *, hint: str = "") -> Path:
