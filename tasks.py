@@ -229,7 +229,7 @@ def _built(config: Config, book: RecipeBook, target: str, flavor: str | None = N
 
 
 @task(help={"flavor": "test a flavor of the package",
-            "runtime": "run them in another runtime: wasmtime (ours, the default), wasmtime-cli, wasmedge, node "
+            "runtime": "run them in another runtime: wasmtime (ours, the default), wasmtime-cli, wasmedge, wasmedge-aot, node "
                        "(see invoke runtimes)"})
 @cli
 def test(ctx, target, flavor=None, runtime="wasmtime"):
@@ -243,7 +243,7 @@ def test(ctx, target, flavor=None, runtime="wasmtime"):
         runner = Runner()
     else:
         from wasmforge.runtimes import CommandRunner, find_runtime
-        runner = CommandRunner(find_runtime(config, runtime))
+        runner = CommandRunner(find_runtime(config, runtime), config.cache_dir)
     outcomes = run_smoke_tests(package, out / "bin", runner, log=print)
     unsupported = [o for o in outcomes if o.unsupported]
     failed = [o for o in outcomes if not o.passed and not o.unsupported]

