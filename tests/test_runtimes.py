@@ -177,6 +177,7 @@ def test_the_matrix_says_pass_fail_and_not_supported_with_the_runtimes_own_words
     text = Cell("default", "wasmedge", (ok, bad)).text()
     assert text.startswith("**fail** 1/2; first failure: b: `php -r ...`: expected exit code 0, got exit code 1")
     assert "exceptions proposal not enabled" in text and "\n" not in text
+    assert Cell("default", "wasmedge-aot", (na, na)).text().startswith("**n/a** 0/2; 2 n/a (")
     assert Cell("portable", "node", absent="not built: invoke build php-7.4.33-portable").text() == \
         "– (not built: invoke build php-7.4.33-portable)"
 

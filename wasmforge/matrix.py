@@ -45,7 +45,8 @@ class Cell:
         if self.absent:
             return f"– ({self.absent})"
         failed, unsupported = self.failed(), self.unsupported()
-        verdict = "**pass**" if not failed and self.passed() else "**fail**"
+        # Nothing failed and nothing ran: the runtime cannot run this build at all, which is not a failure.
+        verdict = "**fail**" if failed else "**pass**" if self.passed() else "**n/a**"
         parts = [f"{verdict} {self.passed()}/{len(self.outcomes)}"]
         if unsupported:
             parts.append(f"{len(unsupported)} n/a ({_short(unsupported[0].unsupported or '')})")
