@@ -62,10 +62,10 @@ def test_conformance_runs_regrtest_in_wasm_and_natively(pythons):
     package = book.package(book.parse_target("python-3.13.5"))
     native, wasm = results["3.13.5"][0].output, results["3.13.5"][-1].output
     manifest = read_manifest(wasm)
-    counts = run_conformance(package, config, wasm={"python": wasm / "bin" / "python.wasm"},
-                             native={"python": native / "bin" / "python"}, dirs=["test_bisect"], jobs=1,
+    counts = run_conformance(package, config, wasm={"interpreter": wasm / "bin" / "python.wasm"},
+                             native={"interpreter": native / "bin" / "python"}, dirs=["test_bisect"], jobs=1,
                              log=lambda m: print(m, flush=True),
-                             readonly_dirs={"python": run_defaults(wasm, manifest, "python")[0]})
+                             readonly_dirs={"interpreter": run_defaults(wasm, manifest, "python")[0]})
     in_wasm, natively = counts["test_bisect"]
     assert natively.passed >= 20 and natively.failed == 0
     assert wasm_rate(in_wasm, natively) == 1.0

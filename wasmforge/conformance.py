@@ -221,7 +221,7 @@ def _python_regrtest(package: Package, config: Config, *, wasm: Mapping[str, Pat
             scratch.mkdir(parents=True)
             report = scratch / "junit.xml"
             if kind == "native":
-                cmd = [str(native["python"]), "-m", "test", "--junit-xml", str(report), module]
+                cmd = [str(native["interpreter"]), "-m", "test", "--junit-xml", str(report), module]
                 env = {"PATH": os.environ.get("PATH", os.defpath), "HOME": str(scratch), "TMPDIR": str(scratch),
                        "LANG": "C.UTF-8"}
             else:
@@ -230,8 +230,8 @@ def _python_regrtest(package: Package, config: Config, *, wasm: Mapping[str, Pat
                 (scratch / "work").mkdir()
                 cmd = [str(launcher), "--timeout", str(MODULE_TIMEOUT), "--dir", f"/tmp:{scratch}",
                        "--env", "TMPDIR=/tmp/work", "--env", "HOME=/tmp", "--env", "LANG=C.UTF-8"]
-                cmd += launcher_options(readonly_dirs.get("python", []))
-                cmd += [str(wasm["python"]), "-m", "test", "--junit-xml", "/tmp/junit.xml", module]
+                cmd += launcher_options(readonly_dirs.get("interpreter", []))
+                cmd += [str(wasm["interpreter"]), "-m", "test", "--junit-xml", "/tmp/junit.xml", module]
                 env = {"PATH": os.environ.get("PATH", os.defpath)}
             log_file = logs / f"{module.replace('/', '_')}.{kind}.log"
             with log_file.open("w") as out:

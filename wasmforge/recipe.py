@@ -1243,7 +1243,7 @@ CONFORMANCE_DRIVERS: Mapping[str, tuple[str, ...]] = {
     # PHP's run-tests.php: the CLI runs the tests, the CGI program the tests with --GET--/--POST-- sections.
     "php-run-tests": ("cli", "cgi"),
     # CPython's regrtest (python -m test), a module per process.
-    "python-regrtest": ("python",),
+    "python-regrtest": ("interpreter",),
 }
 
 
