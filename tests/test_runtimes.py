@@ -202,8 +202,12 @@ def test_wasmedges_compiled_code_is_checked_before_it_runs_and_refusals_are_repo
     data[len(data) // 2] ^= 0xFF
     code.write_bytes(bytes(data))
     assert runner.run(wasm, ["prog", "exit", "5"]).exit_code == 5 and len(lines) == 2  # compiled again
+    # In a directory others may write, no key file is believed: compiled again for the run.
+    (cache / "wasmedge-aot").chmod(0o777)
+    assert runner.run(wasm, ["prog", "exit", "6"]).exit_code == 6 and len(lines) == 3
+    (cache / "wasmedge-aot").chmod(0o700)
     sjlj = _compile(toolchain, tmp_path, "sjlj", SJLJ, EH_CFLAGS)
     for _ in range(2):
         with pytest.raises(Unsupported, match="WasmEdge's AOT compiler refuses sjlj.wasm: .*xception"):
             runner.run(sjlj, ["sjlj"])
-    assert len(lines) == 3  # the refusal is remembered: one compile
+    assert len(lines) == 4  # the refusal is remembered: one compile

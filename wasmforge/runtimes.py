@@ -44,7 +44,7 @@ from .settings import default_cache_dir
 from .smoke import Unsupported
 from .sources import extract_archive
 from .toolchain import assemble_tool, fetch_deb, load_pins, npm_pack
-from .verified import fd_sha256, file_sha256
+from .verified import fd_sha256, file_sha256, is_private
 
 Log = Callable[[str], None]
 IDENTITY = "wasmforge-runtime.json"
@@ -285,7 +285,16 @@ class CommandRunner:
             recorded = json.loads(key_file.read_text())
         except (OSError, ValueError):
             recorded = None
-        if isinstance(recorded, dict) and recorded.get("key") == key and recorded.get("wasm_sha256") == wasm_sha:
+        # What a key file records is believed only in a directory no one else can write (as verified.py's
+        # stamps); elsewhere the module is compiled again for this run. One of ours that others may read
+        # but never could write is made private.
+        with contextlib.suppress(OSError):
+            st = os.stat(self.aot_dir)
+            if st.st_uid == os.getuid() and not st.st_mode & 0o022:
+                os.chmod(self.aot_dir, 0o700)
+        trusted = is_private(self.aot_dir)
+        if trusted and isinstance(recorded, dict) and recorded.get("key") == key and \
+                recorded.get("wasm_sha256") == wasm_sha:
             if recorded.get("refused"):
                 raise Unsupported(f"WasmEdge's AOT compiler refuses {wasm.name}: {recorded['refused']}")
             with contextlib.suppress(OSError):
@@ -293,7 +302,7 @@ class CommandRunner:
                 if fd_sha256(fd) == recorded.get("aot_sha256"):
                     return fd
                 os.close(fd)
-        self.aot_dir.mkdir(parents=True, exist_ok=True)
+        self.aot_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         assert self.runtime.command is not None
         self.log(f"compiling {wasm.name} with WasmEdge's AOT compiler (once per module; minutes for a large one)")
         with tempfile.TemporaryDirectory(dir=self.aot_dir, prefix=".compile-") as tmp:
@@ -351,6 +360,8 @@ class CommandRunner:
                 command += [a for k, v in (env or {}).items() for a in ("--env", f"{k}={v}")]
                 # WasmEdge gives the module the path it was started with as argv[0]: a link by that name,
                 # to the module, or to the descriptor of its checked compiled form that the process inherits.
+                if "/" in argv[0] or argv[0] in ("", ".", ".."):
+                    raise Unsupported(f"{name}: argv[0] {argv[0]!r} cannot be given (WasmEdge passes the module's path)")
                 if name == "wasmedge-aot":
                     aot_fd = self._aot_module(wasm)
                     inherited = (aot_fd,)

@@ -26,7 +26,8 @@ def stamps_dir() -> Path:
     return default_cache_dir() / "verified"
 
 
-def _private(directory: Path) -> bool:
+def is_private(directory: Path) -> bool:
+    """A directory of ours that no one else may write to or read: where remembered facts can be trusted."""
     try:
         st = os.stat(directory)
     except OSError:
@@ -65,7 +66,7 @@ def file_sha256(path: Path) -> str:
 def recall(name: str) -> str | None:
     """The text of the stamp `name` (one line), when the stamps directory is private to this user."""
     directory = stamps_dir()
-    if not _private(directory):
+    if not is_private(directory):
         return None
     try:
         with open(directory / name, encoding="utf-8") as handle:
@@ -81,7 +82,7 @@ def remember(name: str, text: str) -> None:
     directory = stamps_dir()
     with contextlib.suppress(OSError):
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        if not _private(directory):
+        if not is_private(directory):
             return
         fd, tmp = tempfile.mkstemp(dir=directory, prefix=".stamp-")
         try:
