@@ -390,9 +390,11 @@ def conformance(ctx, target, jobs=None, output=None, from_logs=False):
             "no-builds": "skip the build-time measurements (cold, no-change, touched patch)",
             "output": "the Markdown file the table is appended to",
             "peer": "also run the recipe's peer (another project's build, e.g. WordPress Playground's PHP under "
-                    "Node.js) on the same workloads: a column of its own"})
+                    "Node.js) on the same workloads: a column of its own",
+            "runtimes": "also run the start-up and the workloads in these runtimes (comma-separated: wasmedge, "
+                        "wasmedge-aot, wasmtime-cli, node; see invoke runtimes): a column each"})
 @cli
-def bench(ctx, target, runs="21", no_builds=False, output="docs/benchmarks.md", peer=False):
+def bench(ctx, target, runs="21", no_builds=False, output="docs/benchmarks.md", peer=False, runtimes=""):
     """Measure build times, sizes, start-up and run time against the native build (and a peer); append to docs/benchmarks.md."""
     from wasmforge.bench import BENCH_HEADER, find_peer, render, run_bench
     from wasmforge.toolchain import find_toolchain
@@ -402,9 +404,14 @@ def bench(ctx, target, runs="21", no_builds=False, output="docs/benchmarks.md", 
     tc = find_toolchain(config)
     command = "invoke bench " + " ".join(shlex.quote(a) for a in sys.argv[sys.argv.index("bench") + 1:])
     the_peer = find_peer(book.package(t), config, log) if peer else None
+    others = {}
+    if runtimes:
+        from wasmforge.runtimes import CommandRunner, find_runtime
+        for name in [n.strip() for n in runtimes.split(",") if n.strip()]:
+            others[name] = CommandRunner(find_runtime(config, name), config.cache_dir, log=log)
     rows = run_bench(book, t, config, tc, runs=int(_number("--runs", runs, integer=True) or 21),
-                     builds=not no_builds, log=log, peer=the_peer)
-    text = render(t, rows, command, tc, the_peer)
+                     builds=not no_builds, log=log, peer=the_peer, others=others)
+    text = render(t, rows, command, tc, the_peer, {n: r.runtime.version or "?" for n, r in others.items()})
     print(text)
     path = config.root / output
     if not path.exists():

@@ -122,3 +122,36 @@ def test_the_sizes_of_a_builds_files_and_directories_raw_and_gzipped(tmp_path):
     for bad in ("lib/missing", "../build", "/etc", "escape"):
         with pytest.raises(WasmforgeError, match="is not a file or directory of the build"):
             tree_sizes(out, bad)
+
+
+def test_other_runtimes_get_a_column_pair_each_and_say_why_a_cell_is_empty():
+    row = Row("n-body", 0.5, 1.0, "s", others=(("wasmedge-aot", 1.5), ("node", "n/a (node: no memory limit)")))
+    assert row.cells(runtimes=("wasmedge-aot", "node")) == (
+        "n-body", "0.50 s", "1.00 s", "2.00x", "1.50 s", "3.00x", "n/a (node: no memory limit)", "")
+    assert row.cells() == ("n-body", "0.50 s", "1.00 s", "2.00x")
+    # A runtime that measured nothing for this row (sizes, builds) shows "-".
+    assert Row("size", None, 100 * 1024, "bytes").cells(runtimes=("node",))[-2:] == ("-", "")
+
+
+def test_a_runtime_that_cannot_run_a_workload_is_reported_in_its_cell(tmp_path):
+    from wasmforge.bench import WORKLOAD_TIMEOUT, _runtime_timed
+    from wasmforge.runtime import RunResult
+    from wasmforge.smoke import Unsupported
+
+    class Fake:
+        def __init__(self, result):
+            self.result = result
+
+        def run(self, *args, **kwargs):
+            assert kwargs["timeout"] == WORKLOAD_TIMEOUT and kwargs["env"] == {"A": "1"}
+            if isinstance(self.result, Exception):
+                raise self.result
+            return self.result
+
+    def timed(result):
+        return _runtime_timed(Fake(result), tmp_path / "m.wasm", ["m"], [], {"A": "1"})
+
+    assert timed(RunResult(0, duration=1.25)) == 1.25
+    assert timed(Unsupported("x: no memory limit")) == "n/a (x: no memory limit)"
+    assert timed(RunResult(1, stderr=b"boom\nlast line\n", duration=0.1)) == "fails (exit code 1: last line)"
+    assert timed(RunResult(None, timed_out=True, duration=1800.0)) == f"over {WORKLOAD_TIMEOUT // 60} min"

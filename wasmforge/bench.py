@@ -18,7 +18,7 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,6 +32,8 @@ from .pipeline import build_target, read_manifest
 from .recipe import Package, RecipeBook, Target
 from .run import build_launcher, launcher_options
 from .runtime import Runner, wasmtime_version
+from .runtimes import CommandRunner
+from .smoke import Unsupported
 from .sources import fetch_sources
 from .toolchain import Toolchain, host_toolchain, npm_project
 
@@ -84,8 +86,10 @@ class Row:
     unit: str  # "s", "ms", "bytes"
     # The peer's measure, or why it has none (e.g. "fails: exit code 1").
     peer: float | str | None = None
+    # The same measure in other runtimes (`invoke bench --runtimes`), by runtime name, or why there is none.
+    others: tuple[tuple[str, float | str], ...] = ()
 
-    def cells(self, with_peer: bool = False) -> tuple[str, ...]:
+    def cells(self, with_peer: bool = False, runtimes: tuple[str, ...] = ()) -> tuple[str, ...]:
         def fmt(v: float | str | None) -> str:
             if v is None:
                 return "-"
@@ -98,7 +102,11 @@ class Row:
         def ratio(v: float | str | None) -> str:
             return f"{v / self.native:.2f}x" if self.native and isinstance(v, int | float) else ""
         cells = (self.what, fmt(self.native), fmt(self.wasm), ratio(self.wasm))
-        return cells + (fmt(self.peer), ratio(self.peer)) if with_peer else cells
+        cells += (fmt(self.peer), ratio(self.peer)) if with_peer else ()
+        others = dict(self.others)
+        for name in runtimes:
+            cells += (fmt(others.get(name)), ratio(others.get(name)))
+        return cells
 
 
 def median_time(fn: Callable[[], object], runs: int) -> float:
@@ -288,6 +296,22 @@ def _peer_timed(argv: list[str], cwd: Path) -> float | str:
     return seconds
 
 
+def _runtime_timed(runner: CommandRunner, wasm: Path, argv: list[str], readonly_dirs: list[tuple[str, Path]],
+                   env: dict[str, str]) -> float | str:
+    """One fresh process of another runtime (the time of its process alone, without the copies some
+    runtimes need for read-only directories), or why it gave none: not supported, failed, too slow."""
+    try:
+        result = runner.run(wasm, argv, readonly_dirs=readonly_dirs, env=env, timeout=WORKLOAD_TIMEOUT)
+    except Unsupported as exc:
+        return f"n/a ({exc})"
+    if result.timed_out:
+        return f"over {WORKLOAD_TIMEOUT // 60} min"
+    if result.exit_code != 0:
+        last = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
+        return f"fails ({result.describe()}" + (f": {last[-1][:80]}" if last else "") + ")"
+    return result.duration
+
+
 def alternating_medians(commands: dict[str, Callable[[], float | str]], rounds: int) -> dict[str, float | str]:
     """Run the commands in turn, round after round (so a slower spell of the machine touches all
     alike), and take each one's median; a command that once reports a failure keeps that report."""
@@ -311,7 +335,7 @@ def peer_command(peer: Peer, args: list[str]) -> list[str]:
 
 
 def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: Path, scratch: Path, runs: int,
-                 log: Log, peer: Peer | None = None) -> list[Row]:
+                 log: Log, peer: Peer | None = None, others: Mapping[str, CommandRunner] | None = None) -> list[Row]:
     package = book.package(target)
     startup = [str(a) for a in package.recipe.bench.get("startup", [])]
     if not startup:
@@ -361,9 +385,13 @@ def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: 
     if peer:
         peer_start = alternating_medians({"peer": lambda: _peer_timed(peer_command(peer, startup_args), scratch)},
                                          min(runs, 5))["peer"]
+    other_start = alternating_medians(
+        {name: partial(_runtime_timed, runner, wasm, argv, usual_dirs, usual_env) for name, runner in (others or {}).items()},
+        min(runs, 5)) if others else {}
     rows.append(Row("start-up, fresh process: `wasmforge-run MODULE` (`invoke launcher`; precompiled, no Python)"
-                    + ("; the peer: `node` + its module, fresh process" if peer else ""),
-                    native_start, fast, "ms", peer_start))
+                    + ("; the peer: `node` + its module, fresh process" if peer else "")
+                    + ("; other runtimes: their command line, fresh process" if others else ""),
+                    native_start, fast, "ms", peer_start, tuple(other_start.items())))
 
     scripts = scratch / "scripts"
     scripts.mkdir(exist_ok=True)
@@ -380,9 +408,13 @@ def measure_runs(book: RecipeBook, target: Target, config: Config, wasm_output: 
         }
         if peer:
             commands["peer"] = partial(_peer_timed, peer_command(peer, workload.argv(str(script))[1:]), scripts)
+        for name, runner in (others or {}).items():
+            commands[name] = partial(_runtime_timed, runner, wasm, workload.argv(f"/bench/{script.name}"),
+                                     [*usual_dirs, ("/bench", scripts)], usual_env)
         times = alternating_medians(commands, slow_runs)
         rows.append(Row(f"run time of {workload.name} (fresh process each, precompiled, median of {slow_runs} alternating runs)",
-                        float(times["native"]), float(times["wasm"]), "s", times.get("peer")))
+                        float(times["native"]), float(times["wasm"]), "s", times.get("peer"),
+                        tuple((name, times[name]) for name in others or {})))
     return rows
 
 
@@ -427,7 +459,10 @@ def _node_version() -> str:
         return "unknown"
 
 
-def render(target: Target, rows: list[Row], command: str, toolchain: Toolchain, peer: Peer | None = None) -> str:
+def render(target: Target, rows: list[Row], command: str, toolchain: Toolchain, peer: Peer | None = None,
+           runtimes: Mapping[str, str] | None = None) -> str:
+    """The table; `runtimes`: the other runtimes measured (name: version), a column pair each."""
+    names = tuple(runtimes or {})
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     wasm_opt = toolchain.wasm_opt.version if toolchain.wasm_opt else "none"
     lines = [
@@ -439,14 +474,18 @@ def render(target: Target, rows: list[Row], command: str, toolchain: Toolchain, 
     ]
     if peer:
         lines.append(f"- peer: {peer.name}, run by `{' '.join(peer.run)}` under Node.js {_node_version()}")
-    header = "| measure | native | wasm | wasm / native |" + (" peer | peer / native |" if peer else "")
-    lines += ["", header, "|---|---:|---:|---:|" + ("---:|---:|" if peer else "")]
-    lines += ["| " + " | ".join(row.cells(with_peer=peer is not None)) + " |" for row in rows]
+    if runtimes:
+        lines.append("- other runtimes: " + ", ".join(f"{n} {v}" for n, v in runtimes.items())
+                     + " (`invoke runtimes`; workloads and start-up through each one's command line)")
+    header = ("| measure | native | wasm | wasm / native |" + (" peer | peer / native |" if peer else "")
+              + "".join(f" {n} | {n} / native |" for n in names))
+    lines += ["", header, "|---|---:|---:|---:|" + ("---:|---:|" if peer else "") + "---:|---:|" * len(names)]
+    lines += ["| " + " | ".join(row.cells(with_peer=peer is not None, runtimes=names)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
 def run_bench(book: RecipeBook, target: Target, config: Config, toolchain: Toolchain, *, runs: int, builds: bool,
-              log: Log, peer: Peer | None = None) -> list[Row]:
+              log: Log, peer: Peer | None = None, others: Mapping[str, CommandRunner] | None = None) -> list[Row]:
     package = book.package(target)
     if not package.recipe.bench.get("startup"):
         raise WasmforgeError(f"the recipe of {target.name} says nothing to benchmark", where=package.recipe.where(()),
@@ -460,7 +499,7 @@ def run_bench(book: RecipeBook, target: Target, config: Config, toolchain: Toolc
         else:
             output = build_target(book, target, config, toolchain, log=lambda m: None)[-1].output
         rows += measure_sizes(output, book.package(target))
-        rows += measure_runs(book, target, config, output, scratch, runs, log, peer)
+        rows += measure_runs(book, target, config, output, scratch, runs, log, peer, others)
         return rows
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
