@@ -291,9 +291,14 @@ def _peer_timed(argv: list[str], cwd: Path) -> float | str:
     if result is None:
         return f"fails (over {WORKLOAD_TIMEOUT // 60} min)"
     if result.returncode != 0:
-        last = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
-        return f"fails (exit code {result.returncode}" + (f": {last[-1][:80]}" if last else "") + ")"
+        return _fails(f"exit code {result.returncode}", result.stderr or result.stdout)
     return seconds
+
+
+def _fails(how: str, output: bytes) -> str:
+    """A cell for a run that failed: how, and the last line it printed."""
+    last = output.decode(errors="replace").strip().splitlines()
+    return f"fails ({how}" + (f": {last[-1][:80]}" if last else "") + ")"
 
 
 def _runtime_timed(runner: CommandRunner, wasm: Path, argv: list[str], readonly_dirs: list[tuple[str, Path]],
@@ -307,8 +312,7 @@ def _runtime_timed(runner: CommandRunner, wasm: Path, argv: list[str], readonly_
     if result.timed_out:
         return f"over {WORKLOAD_TIMEOUT // 60} min"
     if result.exit_code != 0:
-        last = (result.stderr or result.stdout).decode(errors="replace").strip().splitlines()
-        return f"fails ({result.describe()}" + (f": {last[-1][:80]}" if last else "") + ")"
+        return _fails(result.describe(), result.stderr or result.stdout)
     return result.duration
 
 

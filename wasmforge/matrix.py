@@ -65,19 +65,19 @@ def matrix_test(book: RecipeBook, target: Target, config: Config, *, log: Log = 
     recipe = book[target.name]
     flavors = [None, *recipe.flavors]
     found = runtimes(config, log=log)
+    labels = [OURS, *(r.name for r in found)]
     cells = []
     for flavor in flavors:
         name = flavor or "default"
         try:
             package = book.package(Target(target.name, target.version, flavor))
         except WasmforgeError as exc:
-            cells += [Cell(name, r, absent=exc.what) for r in [OURS, *(x.name for x in found)]]
+            cells += [Cell(name, label, absent=exc.what) for label in labels]
             continue
         try:
             out, _ = stored_output(config, package)
         except WasmforgeError:
-            cells += [Cell(name, r, absent=f"not built: invoke build {package.target}")
-                      for r in [OURS, *(x.name for x in found)]]
+            cells += [Cell(name, label, absent=f"not built: invoke build {package.target}") for label in labels]
             continue
         for runtime in [None, *found]:
             label = runtime.name if runtime else OURS
