@@ -1,4 +1,4 @@
-// Runs a WASI preview 1 command module in Node.js's node:wasi (Node.js >= 20: no flag needed).
+// Runs a WASI preview 1 command module in Node.js's node:wasi (Node.js >= 24: see toolchain/pins.yaml).
 // Written by wasmforge; `invoke runtimes` reports it as the `node` runtime.
 //
 //   node node-wasi.mjs [--dir GUEST:HOST]... [--env K=V]... [--argv0 NAME] MODULE.wasm [ARGS...]
