@@ -55,13 +55,22 @@ def build_and_test(book: RecipeBook, target: Target, config: Config, toolchain: 
     return results
 
 
+def _session_build(target: str, toolchain: Toolchain, config: Config) -> tuple[Config, RecipeBook, Path]:
+    book = RecipeBook.load(config.recipes_dir)
+    results = build_and_test(book, book.parse_target(target), config, toolchain)
+    return config, book, results[-1].output
+
+
 @pytest.fixture(scope="session")
 def php(toolchain, integration_config):
     """PHP 7.4.33 (default flavor) and its dependencies, built once for the whole session."""
-    config = integration_config
-    book = RecipeBook.load(config.recipes_dir)
-    results = build_and_test(book, book.parse_target("php-7.4.33"), config, toolchain)
-    return config, book, results[-1].output
+    return _session_build("php-7.4.33", toolchain, integration_config)
+
+
+@pytest.fixture(scope="session")
+def php_portable(toolchain, integration_config):
+    """PHP 7.4.33's portable flavor (no exception handling), built once for the whole session."""
+    return _session_build("php-7.4.33-portable", toolchain, integration_config)
 
 
 @pytest.fixture(scope="session")

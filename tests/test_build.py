@@ -80,6 +80,7 @@ def test_make_build_outputs_manifest_and_up_to_date(project, toolchain):
     assert manifest["tests"] == [{"name": "hello wasm", "passed": True, "seconds": manifest["tests"][0]["seconds"],
                                   "problems": []}]
     assert {s["name"] for s in manifest["steps"]} >= {"fetch+extract", "patch", "make", "precompile"}
+    assert manifest["needs"] == {"hello": []}  # nothing beyond WASI preview 1
     assert (out / "logs").is_dir()
     assert not (project.config.outputs / ".work" / "hello-1.0").exists()
     assert Runner().run(out / "bin" / "hello.wasm", ["hello"]).stdout == b"hello world\n"
@@ -114,6 +115,19 @@ APP_C = '#include <stdio.h>\n#include <greet.h>\nint main(void) { printf("app sa
 
 
 @pytest.mark.skipif(not shutil.which("autoreconf"), reason="needs autoconf and automake (CI installs them)")
+def test_the_manifest_says_a_module_needs_exception_handling(project, toolchain):
+    """setjmp/longjmp through wasm exception handling: runtimes differ on it (WasmEdge's AOT compiler
+    refuses it), so the manifest says which programs need it."""
+    jump = ("#include <setjmp.h>\n#include <stdio.h>\nstatic jmp_buf env;\n"
+            "int main(void) { if (!setjmp(env)) longjmp(env, 7); printf(\"hello jumped\\n\"); return 0; }\n")
+    sha = _source(project, "hello", "1.0", {"hello.c": jump, "Makefile": MAKEFILE})
+    project.recipe("hello", _recipe("hello", sha, HELLO_RECIPE.replace("      cflags: [-O2]",
+                                                                       "      cflags: [-O2]\n      exceptions: true")
+                                    .replace("hello wasm", "hello jumped").replace("[hello, wasm]", "[hello]")))
+    results, _ = _build(project, toolchain, "hello-1.0")
+    assert read_manifest(results[-1].output)["needs"] == {"hello": ["exception handling"]}
+
+
 def test_autotools_dependency_seen_through_pkg_config(project, toolchain, tmp_path):
     # A real autoconf project: generate its configure script as a release tarball would have it.
     src = tmp_path / "greet-src"

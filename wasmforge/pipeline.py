@@ -51,7 +51,7 @@ from .patches import Patch, apply_series, patch_series
 from .recipe import Package, RecipeBook, RunDefaults, Target
 from .registry import Registry
 from .remote_cache import RemoteCache, cache_tag, has_entry, pull_entry, push_entry
-from .runtime import Runner
+from .runtime import Runner, uses_exceptions
 from .smoke import TestOutcome, run_smoke_tests
 from .sources import FetchedSource, extract_source, fetch_sources
 from .store import ArtifactStore, differences, exclusive_lock, file_record, walk_entry
@@ -480,6 +480,12 @@ def _write_manifest(ctx: BuildContext, key: str, inputs: dict[str, Any], fetched
         },
         "programs": {name: f"bin/{name}" + ("" if ctx.package.native else ".wasm") for name, _ in ctx.package.outputs},
         "native": ctx.package.native,
+        # What a runtime must support beyond WASI preview 1 to run each module: exception handling is the
+        # one runtimes differ on (WasmEdge's AOT compiler refuses it: such a module has no WasmEdge AOT
+        # form; docs/runtimes.md has the matrix).
+        "needs": {} if ctx.package.native else {
+            name: ["exception handling"] if uses_exceptions(root / "bin" / f"{name}.wasm") else []
+            for name, _ in ctx.package.outputs},
         # How each program is started by default: the build's own directories it reads (of those in
         # the recipe's `run:`, the ones this build installed), its environment, how a script is passed.
         "run": {program: {**spec, "dirs": {g: rel for g, rel in spec["dirs"].items() if (root / rel).is_dir()}}

@@ -31,7 +31,8 @@ import sys
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,9 @@ NODE_RUNNER = Path(__file__).parent / "launcher" / "node-wasi.mjs"
 RUNTIMES = ("wasmedge", "wasmedge-aot", "wasmtime-cli", "node")
 # WasmEdge's AOT compiler, as the article our users come from ran it (`wasmedgec --optimize 3`).
 WASMEDGE_AOT_FLAGS = ("--optimize", "3")
+# WasmEdge's interpreter runs code ~160x slower than its AOT form (n-body, docs/runtimes.md): a test's
+# timeout, set for compiled code to catch a hang, is stretched for it so slowness is not reported as one.
+INTERPRETER_TIMEOUT_FACTOR = 10
 
 
 @dataclass(frozen=True)
@@ -143,8 +147,8 @@ def _system_node(pin: dict[str, Any], missing: str) -> Runtime:
     version = result.stdout.strip().lstrip("v")
     major = int(version.split(".")[0]) if re.match(r"^\d+\.", version) else 0
     if result.returncode != 0 or major < int(pin["minimum"]):
-        return Runtime("node", None, None, f"{missing}; {node} is Node.js {version or '(unknown)'}, and node:wasi "
-                                           f"without a flag needs {pin['minimum']} or newer")
+        return Runtime("node", None, None, f"{missing}; {node} is Node.js {version or '(unknown)'}, and our modules "
+                                           f"need {pin['minimum']} or newer (toolchain/pins.yaml says why)")
     return Runtime("node", version, _node_command(node), f"{node} (the system's), with node:wasi through "
                                                          f"{NODE_RUNNER.name}; the pinned {pin['version']} is not provisioned")
 
@@ -241,7 +245,7 @@ def _assemble(root: Path, unpack: Callable[[Path], str], version: str, probe: Ca
 
 
 def _short_reason(text: str) -> str:
-    text = re.sub(r"^\[[^\]]*\] \[[a-z]+\] ", "", text.strip())  # WasmEdge's "[date] [error] " prefix
+    text = re.sub(r"^\[[^\]]*\] \[[a-z]+\]\s*", "", text.strip())  # WasmEdge's "[date] [error] " prefix
     return text if len(text) <= 160 else text[:159] + "…"
 
 
@@ -272,6 +276,20 @@ class CommandRunner:
         """What WasmEdge's compiled code depends on: a file made for another key is never run."""
         return {"wasmedge": self.runtime.version, "flags": list(WASMEDGE_AOT_FLAGS), "arch": platform.machine(),
                 "cpu": cpu_fingerprint()}
+
+    def prepare(self, modules: Sequence[Path]) -> None:
+        """For wasmedge-aot: the compiled forms of `modules` made side by side before anything runs them
+        (WasmEdge's compiler uses one core, and php.wasm takes it ~7 minutes); a refusal is remembered
+        and said when the module is run. Other runtimes need nothing."""
+        if self.runtime.name != "wasmedge-aot" or not modules:
+            return
+
+        def one(wasm: Path) -> None:
+            with contextlib.suppress(Unsupported):
+                os.close(self._aot_module(wasm))
+
+        with ThreadPoolExecutor(max_workers=min(len(modules), os.cpu_count() or 1)) as pool:
+            list(pool.map(one, modules))
 
     def _aot_module(self, wasm: Path) -> int:
         """An open descriptor of WasmEdge's compiled form of `wasm`, its bytes checked against the sha256
@@ -307,8 +325,10 @@ class CommandRunner:
         self.log(f"compiling {wasm.name} with WasmEdge's AOT compiler (once per module; minutes for a large one)")
         with tempfile.TemporaryDirectory(dir=self.aot_dir, prefix=".compile-") as tmp:
             out = Path(tmp) / "out.wasm"
+            started = time.perf_counter()
             done = subprocess.run([*self.runtime.command, "compile", *WASMEDGE_AOT_FLAGS, str(wasm), str(out)],
                                   capture_output=True, text=True, timeout=3600)
+            seconds = time.perf_counter() - started
             record: dict[str, Any] = {"key": key, "wasm_sha256": wasm_sha}
             if done.returncode != 0 or not out.is_file():
                 # WasmEdge says what it lacks on a line of its own ("... requires enabling Exception
@@ -319,6 +339,7 @@ class CommandRunner:
                 _write_json(key_file, record)
                 raise Unsupported(f"WasmEdge's AOT compiler refuses {wasm.name}: {record['refused']}")
             record["aot_sha256"] = file_sha256(out)
+            self.log(f"compiled {wasm.name} for WasmEdge in {seconds:.1f} s ({out.stat().st_size:,} bytes)")
             os.replace(out, code)
             _write_json(key_file, record)
         fd = os.open(code, os.O_RDONLY)
@@ -336,6 +357,8 @@ class CommandRunner:
             raise Unsupported(f"{self.runtime.name}: no memory limit is set through its command line here")
         name = self.runtime.name
         assert self.runtime.command is not None
+        if timeout and name == "wasmedge":
+            timeout *= INTERPRETER_TIMEOUT_FACTOR
         with tempfile.TemporaryDirectory(prefix=f"wasmforge-{name}-") as tmp:
             writable = list(dirs or [])
             readonly = list(readonly_dirs or [])
