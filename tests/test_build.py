@@ -114,7 +114,6 @@ APP_MAKEFILE = ("app: app.c\n\t$(CC) $(CFLAGS) $$(pkg-config --cflags greet) $(L
 APP_C = '#include <stdio.h>\n#include <greet.h>\nint main(void) { printf("app says %s\\n", greeting()); return 0; }\n'
 
 
-@pytest.mark.skipif(not shutil.which("autoreconf"), reason="needs autoconf and automake (CI installs them)")
 def test_the_manifest_says_a_module_needs_exception_handling(project, toolchain):
     """setjmp/longjmp through wasm exception handling: runtimes differ on it (WasmEdge's AOT compiler
     refuses it), so the manifest says which programs need it."""
@@ -128,6 +127,7 @@ def test_the_manifest_says_a_module_needs_exception_handling(project, toolchain)
     assert read_manifest(results[-1].output)["needs"] == {"hello": ["exception handling"]}
 
 
+@pytest.mark.skipif(not shutil.which("autoreconf"), reason="needs autoconf and automake (CI installs them)")
 def test_autotools_dependency_seen_through_pkg_config(project, toolchain, tmp_path):
     # A real autoconf project: generate its configure script as a release tarball would have it.
     src = tmp_path / "greet-src"
