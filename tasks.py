@@ -238,13 +238,12 @@ def test(ctx, target, flavor=None, runtime="wasmtime"):
     from wasmforge.smoke import run_smoke_tests
     config = _config()
     book = RecipeBook.load(config.recipes_dir)
-    package, out, manifest = _built(config, book, target, flavor)
+    package, out, _ = _built(config, book, target, flavor)
     if runtime == "wasmtime":
         runner = Runner()
     else:
         from wasmforge.runtimes import CommandRunner, find_runtime
         runner = CommandRunner(find_runtime(config, runtime), config.cache_dir)
-        runner.prepare([out / rel for rel in manifest["programs"].values()])
     outcomes = run_smoke_tests(package, out / "bin", runner, log=print)
     unsupported = [o for o in outcomes if o.unsupported]
     failed = [o for o in outcomes if not o.passed and not o.unsupported]

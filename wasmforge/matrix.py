@@ -75,7 +75,7 @@ def matrix_test(book: RecipeBook, target: Target, config: Config, *, log: Log = 
             cells += [Cell(name, label, absent=exc.what) for label in labels]
             continue
         try:
-            out, manifest = stored_output(config, package)
+            out, _ = stored_output(config, package)
         except WasmforgeError:
             cells += [Cell(name, label, absent=f"not built: invoke build {package.target}") for label in labels]
             continue
@@ -85,11 +85,7 @@ def matrix_test(book: RecipeBook, target: Target, config: Config, *, log: Log = 
                 cells.append(Cell(name, label, absent=runtime.origin))
                 continue
             log(f"{package.target} in {label}:")
-            if runtime:
-                runner = CommandRunner(runtime, config.cache_dir, log=log)
-                runner.prepare([out / rel for rel in manifest["programs"].values()])
-            else:
-                runner = Runner()
+            runner = CommandRunner(runtime, config.cache_dir, log=log) if runtime else Runner()
             outcomes = run_smoke_tests(package, out / "bin", runner, log=log)
             cells.append(Cell(name, label, tuple(outcomes)))
     return found, cells

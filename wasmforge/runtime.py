@@ -27,6 +27,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
 from typing import NamedTuple
@@ -240,6 +241,9 @@ class Runner:
     def __init__(self, use_precompiled: bool = True) -> None:
         self.use_precompiled = use_precompiled
         self._modules: dict[tuple[Path, bool], tuple[wasmtime.Module, bool, bool]] = {}
+
+    def prepare(self, modules: Sequence[Path]) -> None:
+        """Nothing to make ahead: a build precompiles its modules (runtimes.CommandRunner has work here)."""
 
     def load(self, wasm: Path, interruptible: bool = False) -> tuple[wasmtime.Module, bool, bool]:
         """(module, needs exceptions, came from a precompiled file). Precompiled code exists for the

@@ -36,6 +36,9 @@ class TestOutcome:
 
 
 def run_smoke_tests(package: Package, bin_dir: Path, runner: Runner, *, log: Log = print) -> list[TestOutcome]:
+    # What a runtime must make of the modules before running them (WasmEdge's AOT forms), made for all
+    # the tests' programs at once rather than one by one as the tests reach them.
+    runner.prepare(sorted({bin_dir / f"{step.run[0]}.wasm" for test in package.tests for step in test.steps}))
     outcomes = []
     for test in package.tests:
         outcome = run_smoke_test(test, bin_dir, runner, package.recipe.run)
