@@ -326,6 +326,40 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
     raise Exit(code=result.status)
 
 
+@task(help={"docroot": "the application's directory (its index.php is the front controller)",
+            "host": "the address to listen on (default: 127.0.0.1)",
+            "port": "the port (default: 8080; 0 picks a free one)",
+            "workers": "how many requests run PHP at once (default: the number of cores)",
+            "native": "serve with the native php-cgi of the same version, for comparison",
+            "state": "the directory the application may write: /state in the module, tmp/ for sessions and "
+                     "uploads (default: one per document root in the cache)",
+            "timeout": "seconds a request may run PHP before it is answered with 504 (default: 30)",
+            "memory": "MiB of memory each wasm request may use (default: 512; PHP's memory_limit is 128M)",
+            "max-body": "MiB a request body may have; larger ones get 413 (default: 64)",
+            "flavor": "serve a flavor of the package"})
+@cli
+def serve(ctx, target, docroot=None, host="127.0.0.1", port="8080", workers=None, native=False, state=None,
+          timeout="30", memory="512", max_body="64", flavor=None):
+    """Serve a PHP application over HTTP: invoke serve php-7.4.33 --docroot examples/php/guestbook."""
+    import hashlib
+
+    from wasmforge.serve import serve_php
+    if not docroot:
+        raise WasmforgeError("which application? give its directory with --docroot DIR",
+                             hint="invoke serve php-7.4.33 --docroot examples/php/guestbook")
+    listen_port = 0 if str(port) == "0" else int(_number("--port", port, integer=True, maximum=65535) or 0)
+    count = int(_number("--workers", workers, integer=True, maximum=64) or (os.cpu_count() or 2))
+    config = _config()
+    _, out, manifest = _built(config, RecipeBook.load(config.recipes_dir), target, flavor, native)
+    root = Path(docroot).resolve()
+    where = Path(state) if state else config.cache_dir / "serve" / (
+        f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}")
+    serve_php(out, manifest, root, native=native, host=host, port=listen_port, workers=count, state=where,
+              timeout=float(_number("--timeout", timeout, maximum=MAX_SECONDS) or 30),
+              memory_mib=int(_number("--memory", memory, integer=True, maximum=4096) or 512),
+              max_body_mib=int(_number("--max-body", max_body, integer=True, maximum=2048) or 64), log=log)
+
+
 @task(help={"program": "which program of the package (default: its first output)",
             "width": "total width of the two columns (default: the terminal's)"})
 @cli

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import io
 import shutil
@@ -71,6 +72,16 @@ def php(toolchain, integration_config):
 def php_portable(toolchain, integration_config):
     """PHP 7.4.33's portable flavor (no exception handling), built once for the whole session."""
     return _session_build("php-7.4.33-portable", toolchain, integration_config)
+
+
+@pytest.fixture(scope="session")
+def php_native(integration_config):
+    """PHP 7.4.33 built natively from the same sources (the reference), once for the whole session."""
+    from wasmforge.toolchain import host_toolchain
+
+    book = RecipeBook.load(integration_config.recipes_dir)
+    target = dataclasses.replace(book.parse_target("php-7.4.33"), native=True)
+    return build_and_test(book, target, integration_config, host_toolchain())[-1].output
 
 
 @pytest.fixture(scope="session")

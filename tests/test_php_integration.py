@@ -13,27 +13,17 @@ import time
 
 import pytest
 import wasmtime
-from conftest import ROOT, build_and_test
+from conftest import ROOT
 
 from wasmforge.compare import run_native, run_wasm, side_by_side
 from wasmforge.errors import SourceError
 from wasmforge.optimize import imports
 from wasmforge.pipeline import build_target, output_dir, read_manifest
-from wasmforge.recipe import RecipeBook
 from wasmforge.runtime import Runner, make_engine
 from wasmforge.sources import fetch_sources
-from wasmforge.toolchain import host_toolchain
 
 pytestmark = pytest.mark.integration
 DEMO = ROOT / "examples" / "php" / "docroot" / "index.php"
-
-
-@pytest.fixture(scope="session")
-def php_native(integration_config):
-    config = integration_config
-    book = RecipeBook.load(config.recipes_dir)
-    target = dataclasses.replace(book.parse_target("php-7.4.33"), native=True)
-    return build_and_test(book, target, config, host_toolchain())[-1].output
 
 
 def test_php_builds_with_all_smoke_tests_passing(php):

@@ -38,7 +38,7 @@ from .errors import RunError
 from .stdio import reserve_std_fds
 from .verified import fd_sha256
 
-__all__ = ["RunResult", "Runner", "load_precompiled", "reserve_std_fds", "uses_exceptions"]
+__all__ = ["ProcExit", "RunResult", "Runner", "load_precompiled", "reserve_std_fds", "uses_exceptions", "wasi_linker"]
 
 TAG_SECTION = 13
 
@@ -66,7 +66,7 @@ class RunResult(NamedTuple):
         return f"exit code {self.exit_code}"
 
 
-class _ProcExit(Exception):
+class ProcExit(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
@@ -235,6 +235,23 @@ def load_precompiled(wasm: Path, engine: wasmtime.Engine, exceptions: bool) -> w
         return None
 
 
+def wasi_linker(engine: wasmtime.Engine) -> wasmtime.Linker:
+    """WASI preview 1 for a module of `engine`, with a proc_exit that keeps every exit status."""
+    linker = wasmtime.Linker(engine)
+    linker.define_wasi()
+    # wasmtime rejects proc_exit statuses >= 126 with an error that loses the code (PHP exits 255 on
+    # fatal errors); our own proc_exit keeps every status, raised as ProcExit out of the module's
+    # call. Like a POSIX parent, we see its low 8 bits: exit(-1) is 255.
+    linker.allow_shadowing = True
+
+    def proc_exit(code: int) -> None:
+        raise ProcExit(code & 0xFF)
+
+    linker.define_func("wasi_snapshot_preview1", "proc_exit",
+                       wasmtime.FuncType([wasmtime.ValType.i32()], []), proc_exit)
+    return linker
+
+
 class Runner:
     """Loads modules once per process (compiled or precompiled) and runs them."""
 
@@ -302,18 +319,7 @@ class Runner:
                 wasi.inherit_stderr()
             store.set_wasi(wasi)
 
-            linker = wasmtime.Linker(engine)
-            linker.define_wasi()
-            # wasmtime rejects proc_exit statuses >= 126 with an error that loses the code (PHP
-            # exits 255 on fatal errors); our own proc_exit keeps every status. Like a POSIX
-            # parent, we see its low 8 bits: exit(-1) is 255.
-            linker.allow_shadowing = True
-
-            def proc_exit(code: int) -> None:
-                raise _ProcExit(code & 0xFF)
-
-            linker.define_func("wasi_snapshot_preview1", "proc_exit",
-                               wasmtime.FuncType([wasmtime.ValType.i32()], []), proc_exit)
+            linker = wasi_linker(engine)
 
             fired = threading.Event()
             timer = None
@@ -354,7 +360,7 @@ class Runner:
                 if timer:
                     timer.start()
                 start_func(store)
-            except _ProcExit as exc:
+            except ProcExit as exc:
                 exit_code = exc.code
             except wasmtime.ExitTrap as exc:
                 exit_code = exc.code
