@@ -336,10 +336,11 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
             "timeout": "seconds a request may run PHP before it is answered with 504 (default: 30)",
             "memory": "MiB of memory each wasm request may use (default: 512; PHP's memory_limit is 128M)",
             "max-body": "MiB a request body may have; larger ones get 413 (default: 64)",
+            "opcache": "keep compiled scripts in OPcache's file cache, in the state directory",
             "flavor": "serve a flavor of the package"})
 @cli
 def serve(ctx, target, docroot=None, host="127.0.0.1", port="8080", workers=None, native=False, state=None,
-          timeout="30", memory="512", max_body="64", flavor=None):
+          timeout="30", memory="512", max_body="64", opcache=False, flavor=None):
     """Serve a PHP application over HTTP: invoke serve php-7.4.33 --docroot examples/php/guestbook."""
     import hashlib
 
@@ -357,7 +358,36 @@ def serve(ctx, target, docroot=None, host="127.0.0.1", port="8080", workers=None
     serve_php(out, manifest, root, native=native, host=host, port=listen_port, workers=count, state=where,
               timeout=float(_number("--timeout", timeout, maximum=MAX_SECONDS) or 30),
               memory_mib=int(_number("--memory", memory, integer=True, maximum=4096) or 512),
-              max_body_mib=int(_number("--max-body", max_body, integer=True, maximum=2048) or 64), log=log)
+              max_body_mib=int(_number("--max-body", max_body, integer=True, maximum=2048) or 64), opcache=opcache,
+              log=log)
+
+
+@task(name="bench-serve", help={
+    "seconds": "seconds of load per page and backend (default: 10)",
+    "connections": "concurrent connections wrk keeps open (default: 4)",
+    "workers": "PHP workers of the server (default: the number of cores)",
+    "opcache": "with OPcache's file cache",
+    "output": "the Markdown file the table is appended to (default: docs/benchmarks.md)"})
+@cli
+def bench_serve(ctx, target, seconds="10", connections="4", workers=None, opcache=False, output="docs/benchmarks.md"):
+    """Requests/s and latency of pages served from php-cgi.wasm and the native php-cgi: invoke bench-serve php-7.4.33."""
+    from wasmforge.serve_bench import render, run_serve_bench, wrk_version
+    config = _config()
+    book = RecipeBook.load(config.recipes_dir)
+    _, out, manifest = _built(config, book, target)
+    _, native_out, native_manifest = _built(config, book, target, native=True)
+    duration = int(_number("--seconds", seconds, integer=True, maximum=600) or 10)
+    clients = int(_number("--connections", connections, integer=True, maximum=256) or 4)
+    count = int(_number("--workers", workers, integer=True, maximum=64) or (os.cpu_count() or 2))
+    rows = run_serve_bench((out, manifest), (native_out, native_manifest), Path(__file__).parent / "examples" / "php",
+                           seconds=duration, connections=clients, workers=count, opcache=opcache, log=log)
+    command = "invoke bench-serve " + " ".join(sys.argv[sys.argv.index("bench-serve") + 1:])
+    text = render(target, rows, command, duration, clients, count, opcache, wrk_version())
+    print(text)
+    report = Path(output)
+    with report.open("a") as f:
+        f.write("\n" + text)
+    print(f"appended to {report}")
 
 
 @task(help={"program": "which program of the package (default: its first output)",

@@ -19,7 +19,9 @@ import requests
 from conftest import ROOT
 
 from wasmforge.cgi import BadCgiResponse, parse_cgi_response
-from wasmforge.serve import Route, byte_range, php_application, route
+from wasmforge.errors import WasmforgeError
+from wasmforge.serve import BackgroundServer, Route, byte_range, php_application, route
+from wasmforge.serve_bench import parse_wrk
 
 GUESTBOOK = ROOT / "examples" / "php" / "guestbook"
 
@@ -50,6 +52,30 @@ def test_hop_by_hop_headers_from_the_script_are_dropped():
 def test_output_that_is_not_a_cgi_response_is_refused(output):
     with pytest.raises(BadCgiResponse):
         parse_cgi_response(output)
+
+
+WRK_REPORT = """Running 10s test @ http://127.0.0.1:8080/
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency    20.12ms    5.01ms  60.00ms   80.00%
+  Latency Distribution
+     50%   18.90ms
+     75%   21.00ms
+     90%   25.00ms
+     99%    1.20s
+  2016 requests in 10.00s, 1.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 4
+Requests/sec:    201.60
+Transfer/sec:    102.40KB
+"""
+
+
+def test_wrks_report_is_read_with_its_units_and_failures():
+    load = parse_wrk(WRK_REPORT)
+    assert (load.requests_per_second, load.p50_ms, load.p99_ms, load.errors) == (201.6, 18.9, 1200.0, 7)
+    with pytest.raises(WasmforgeError):
+        parse_wrk("wrk: connection refused")
 
 
 # Routing ------------------------------------------------------------------------------------------
@@ -110,24 +136,9 @@ SCRIPTS = {
     "global.php": "<?php $GLOBALS['n'] = ($GLOBALS['n'] ?? 0) + 1; echo getmypid() > 0 ? $GLOBALS['n'] : 0;",
     "sleep.php": "<?php usleep(300000); echo 'slept';",
     "index.php": "<?php echo 'front controller: ', $_SERVER['REQUEST_URI'];",
+    "write.php": "<?php echo json_encode([@file_put_contents(__DIR__ . '/written.txt', 'x') !== false,"
+                 " @file_put_contents($_SERVER['WASMFORGE_STATE'] . '/written.txt', 'x') !== false]);",
 }
-
-
-class Server:
-    def __init__(self, app, max_body: int) -> None:
-        import waitress.server
-
-        self.app = app
-        self.server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=6,
-                                                    max_request_body_size=max_body)
-        self.port = self.server.effective_port
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.close()
-        self.app.backend.close()
 
 
 @pytest.fixture(scope="module")
@@ -139,23 +150,23 @@ def site(tmp_path_factory) -> Path:
     return root
 
 
-def _start(build, site: Path, state: Path, native: bool, lines: list[str]) -> Server:
+def _start(build, site: Path, state: Path, native: bool, lines: list[str]) -> BackgroundServer:
     from wasmforge.pipeline import read_manifest
 
     out = build
     app = php_application(out, read_manifest(out) or {}, site, native=native, workers=2, state=state, timeout=3,
                           memory_mib=256, max_body_mib=1, log=lines.append)
-    return Server(app, max_body=1 << 20)
+    return BackgroundServer(app, max_body=1 << 20)
 
 
 @pytest.fixture(scope="module", params=["wasm", "native"])
-def served(request, tmp_path_factory, site) -> Iterator[tuple[Server, list[str], str]]:
+def served(request, tmp_path_factory, site) -> Iterator[tuple[BackgroundServer, list[str], str]]:
     kind = request.param
     build = request.getfixturevalue("php")[2] if kind == "wasm" else request.getfixturevalue("php_native")
     lines: list[str] = []
     server = _start(build, site, tmp_path_factory.mktemp(f"state-{kind}"), kind == "native", lines)
     yield server, lines, kind
-    server.close()
+    server.stop()
 
 
 @pytest.mark.integration
@@ -195,6 +206,15 @@ def test_keep_alive_front_controller_and_no_state_between_requests(served):
         conn.sendall(request + request)
         data = _read_until(conn, lambda d: d.count(b"HTTP/1.1 200 OK") == 2 and d.endswith(b"1"))
         assert data.count(b"HTTP/1.1 200 OK") == 2
+
+
+@pytest.mark.integration
+def test_the_module_writes_its_state_directory_and_not_the_docroot(served, site):
+    server, _, kind = served
+    if kind == "native":
+        pytest.skip("the native php-cgi has the host's file system, as any native CGI program")
+    assert requests.get(f"{server.url}/write.php").json() == [False, True]
+    assert not (site / "written.txt").exists()
 
 
 @pytest.mark.integration
@@ -305,7 +325,7 @@ def test_the_guestbook_with_a_session_and_a_redirect_after_post(php, php_native,
             assert (tmp_path / kind / "guestbook.sqlite").is_file()
             assert requests.get(server.url + "/style.css").headers["Content-Type"] == "text/css; charset=utf-8"
         finally:
-            server.close()
+            server.stop()
 
 
 @pytest.mark.integration

@@ -271,15 +271,21 @@ def _ms(result: CgiResult) -> str:
     return f"php {result.seconds * 1000:.1f} ms"
 
 
-def php_arguments(to_program: Callable[[Path], str], state: Path, max_body_mib: int) -> list[str]:
+def php_arguments(to_program: Callable[[Path], str], state: Path, max_body_mib: int, opcache: bool) -> list[str]:
     """php-cgi's settings for serving (no php.ini is read: the same for wasm and native). Errors go to
     the server's log, not the page; a 4 KiB output buffer lets a fatal error still send status 500;
-    uploads, sessions and temporary files live in the state directory's tmp/."""
+    uploads, sessions and temporary files live in the state directory's tmp/. With `opcache`, compiled
+    scripts are kept in the state directory's opcache/ (file cache only: neither a wasm instance nor a
+    CGI process outlives its request, so shared memory would be lost each time)."""
     tmp = to_program(state / "tmp")
     settings = {"display_errors": "0", "log_errors": "1", "html_errors": "0", "output_buffering": "4096",
                 "memory_limit": "128M", "date.timezone": "UTC",
                 "post_max_size": f"{max_body_mib}M", "upload_max_filesize": f"{max_body_mib}M",
                 "upload_tmp_dir": tmp, "sys_temp_dir": tmp, "session.save_path": tmp}
+    if opcache:
+        (state / "opcache").mkdir(exist_ok=True)
+        settings |= {"opcache.enable": "1", "opcache.file_cache": to_program(state / "opcache"),
+                     "opcache.file_cache_only": "1", "opcache.validate_timestamps": "1"}
     return ["-n", *(arg for key, value in settings.items() for arg in ("-d", f"{key}={value}"))]
 
 
@@ -299,12 +305,38 @@ def run_server(app: Application, host: str, port: int, threads: int, max_body: i
         app.backend.close()
 
 
+class BackgroundServer:
+    """The server on a thread of this process, for tests and benchmarks: `url`, then `stop()`."""
+
+    def __init__(self, app: Application, threads: int = 6, max_body: int = 64 << 20) -> None:
+        import threading
+
+        import waitress.server
+
+        self.app = app
+        self.server = waitress.server.create_server(app, host="127.0.0.1", port=0, threads=threads,
+                                                    max_request_body_size=max_body, ident=SERVER_SOFTWARE)
+        self.port: int = self.server.effective_port  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        # The request threads first (none may wake the loop once its sockets are closed), then every
+        # socket of the loop, which then ends; then the PHP workers.
+        self.server.task_dispatcher.shutdown()  # type: ignore[union-attr]
+        for channel in list(self.server._map.values()):  # type: ignore[union-attr]
+            channel.handle_close()
+        self.thread.join(timeout=10)
+        self.app.backend.close()
+
+
 def serve_php(out: Path, manifest: dict[str, Any], docroot: Path, *, native: bool, host: str, port: int,
-              workers: int, state: Path, timeout: float, memory_mib: int, max_body_mib: int,
+              workers: int, state: Path, timeout: float, memory_mib: int, max_body_mib: int, opcache: bool,
               log: Callable[[str], None]) -> None:
     """Serve `docroot` with the php-cgi of the build in `out` until interrupted."""
     app = php_application(out, manifest, docroot, native=native, workers=workers, state=state, timeout=timeout,
-                          memory_mib=memory_mib, max_body_mib=max_body_mib, log=log)
+                          memory_mib=memory_mib, max_body_mib=max_body_mib, log=log, opcache=opcache)
     log(f"serving {app.docroot} with {app.backend.name} php-cgi, {workers} workers, state in {state}")
     run_server(app, host, port, threads=max(4, 2 * workers), max_body=max_body_mib << 20,
                on_ready=lambda url: log(f"listening on {url}  (Ctrl-C stops)"))
@@ -312,7 +344,7 @@ def serve_php(out: Path, manifest: dict[str, Any], docroot: Path, *, native: boo
 
 def php_application(out: Path, manifest: dict[str, Any], docroot: Path, *, native: bool, workers: int,
                     state: Path, timeout: float, memory_mib: int, max_body_mib: int,
-                    log: Callable[[str], None]) -> Application:
+                    log: Callable[[str], None], opcache: bool = False) -> Application:
     """The application serving `docroot` with the php-cgi of the build in `out`.
 
     The wasm module sees the document root read-only at /srv, the state directory read-write at
@@ -332,14 +364,14 @@ def php_application(out: Path, manifest: dict[str, Any], docroot: Path, *, nativ
     (state / "tmp").mkdir(parents=True, exist_ok=True)
     backend: Backend
     if native:
-        args = php_arguments(str, state, max_body_mib)
+        args = php_arguments(str, state, max_body_mib, opcache)
         backend = NativeBackend(out / program, args, docroot)
         variables = {"WASMFORGE_STATE": str(state)}
     else:
         usual, _, _ = run_defaults(out, manifest, "php-cgi")
         dirs = [*((guest, host_dir, False) for guest, host_dir in usual), ("/srv", docroot, False),
                 ("/state", state, True)]
-        args = php_arguments(lambda p: guest_path(dirs, p), state, max_body_mib)
+        args = php_arguments(lambda p: guest_path(dirs, p), state, max_body_mib, opcache)
         backend = WasmBackend(out / program, args, dirs, workers, memory_mib << 20, log=log)
         variables = {"WASMFORGE_STATE": "/state"}
     return Application(docroot, backend, timeout=timeout, variables=variables, log=log)
