@@ -136,6 +136,12 @@ SCRIPTS = {
     "global.php": "<?php $GLOBALS['n'] = ($GLOBALS['n'] ?? 0) + 1; echo getmypid() > 0 ? $GLOBALS['n'] : 0;",
     "sleep.php": "<?php usleep(300000); echo 'slept';",
     "index.php": "<?php echo 'front controller: ', $_SERVER['REQUEST_URI'];",
+    "lock.php": "<?php $db = new PDO('sqlite:' . $_SERVER['WASMFORGE_STATE'] . '/locked.sqlite');"
+                " $db->exec('CREATE TABLE IF NOT EXISTS t (x)'); $db->exec('BEGIN IMMEDIATE');"
+                " $db->exec('INSERT INTO t VALUES (1)'); while (true) {}",
+    "count.php": "<?php $db = new PDO('sqlite:' . $_SERVER['WASMFORGE_STATE'] . '/locked.sqlite');"
+                 " $db->setAttribute(PDO::ATTR_ERRMODE, PDO::ERRMODE_EXCEPTION); $db->setAttribute(PDO::ATTR_TIMEOUT, 1);"
+                 " $db->exec('INSERT INTO t VALUES (2)'); echo $db->query('SELECT count(*) FROM t')->fetchColumn();",
     "write.php": "<?php echo json_encode([@file_put_contents(__DIR__ . '/written.txt', 'x') !== false,"
                  " @file_put_contents($_SERVER['WASMFORGE_STATE'] . '/written.txt', 'x') !== false]);",
 }
@@ -249,6 +255,21 @@ def test_a_script_that_loops_forever_gets_504_while_others_are_served(served):
     assert any('"GET /loop.php HTTP/1.1" 504' in line for line in lines)
     # The replaced worker serves again: more requests than workers.
     assert [requests.get(f"{server.url}/global.php").text for _ in range(3)] == ["1", "1", "1"]
+
+
+@pytest.mark.integration
+def test_a_worker_stopped_inside_a_sqlite_transaction_leaves_no_lock_behind(served):
+    server, lines, kind = served
+    assert requests.get(f"{server.url}/lock.php", timeout=30).status_code == 504
+    # The database is written again at once: its lock went with the stopped worker, and its transaction
+    # was never committed.
+    deadline = time.monotonic() + 30
+    while (answer := requests.get(f"{server.url}/count.php", timeout=30)).status_code != 200 \
+            and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert answer.status_code == 200 and answer.text == "1"
+    if kind == "wasm":
+        assert any("removed the SQLite locks the stopped worker held" in line for line in lines)
 
 
 @pytest.mark.integration

@@ -19,6 +19,7 @@ import http
 import json
 import os
 import queue
+import re
 import select
 import signal
 import struct
@@ -190,7 +191,7 @@ class WasmBackend(Backend):
     name = "wasm"
 
     def __init__(self, module: Path, args: Sequence[str], dirs: Sequence[tuple[str, Path, bool]],
-                 workers: int, memory_limit: int, log: Any = None) -> None:
+                 workers: int, memory_limit: int, log: Any = None, lock_root: Path | None = None) -> None:
         self.config = {"module": str(module), "argv": ["php-cgi", *args], "memory_limit": memory_limit,
                        "dirs": [[guest, str(host), writable] for guest, host, writable in dirs]}
         self.dirs = dirs
@@ -199,6 +200,9 @@ class WasmBackend(Backend):
         self.all: set[_Worker] = set()
         self.lock = threading.Lock()
         self.closed = False
+        self.size = workers
+        self.lock_root = lock_root
+        self.recovering = threading.Lock()
         for _ in range(workers):
             self.idle.put(self._spawn())
 
@@ -230,9 +234,32 @@ class WasmBackend(Backend):
             self.log(f"worker {worker.pid} replaced: {result.describe()}")
             if not self.closed:
                 self.idle.put(self._spawn())
+                if self.lock_root:
+                    threading.Thread(target=self._clear_stale_locks, daemon=True).start()
         else:
             self.idle.put(worker)
         return result
+
+    def _clear_stale_locks(self) -> None:
+        """Remove the SQLite locks a stopped worker held. WASI has no file locks, so SQLite locks with
+        directories (`<database>.lock`), which outlive a process killed at its timeout: every later
+        request would wait for them and fail. Once every worker is idle, no lock is held by anyone,
+        so each one found then is stale."""
+        with self.recovering:
+            held: list[_Worker] = []
+            try:
+                deadline = time.monotonic() + 120
+                while len(held) < self.size:
+                    held.append(self.idle.get(timeout=max(0.1, deadline - time.monotonic())))
+                assert self.lock_root is not None
+                if removed := remove_dot_locks(self.lock_root):
+                    self.log(f"removed the SQLite locks the stopped worker held: {', '.join(map(str, removed))}")
+            except queue.Empty:
+                self.log("the other workers stayed busy for 2 minutes: SQLite locks a stopped worker held "
+                         "may remain (restart the server if requests wait for a database)")
+            finally:
+                for worker in held:
+                    self.idle.put(worker)
 
     def close(self) -> None:
         self.closed = True
@@ -240,6 +267,19 @@ class WasmBackend(Backend):
             workers = list(self.all)
         for worker in workers:
             self._retire(worker)
+
+
+def remove_dot_locks(root: Path) -> list[Path]:
+    """Remove the SQLite lock directories (`X.lock`, empty, beside a file `X`) under `root`."""
+    removed = []
+    for directory, subdirs, _ in os.walk(root):
+        for name in subdirs:
+            lock = Path(directory, name)
+            if name.endswith(".lock") and Path(directory, name[:-len(".lock")]).is_file():
+                with contextlib.suppress(OSError):  # not empty: not SQLite's
+                    lock.rmdir()
+                    removed.append(lock)
+    return removed
 
 
 class _Worker:
@@ -289,6 +329,14 @@ class _Worker:
         self.proc.wait()
         self.to_worker.close()
         self.from_worker.close()
+
+
+def trap_summary(text: str) -> str:
+    """wasmtime's trap text in one line: its cause (the last line) and the innermost frames."""
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    frames = [line for line in lines if re.match(r"\d+:", line)][:3]
+    cause = lines[-1] if lines else "unknown"
+    return f"trapped: {cause[:300]}" + (f" (at {'; '.join(f[:120] for f in frames)})" if frames else "")
 
 
 def worker_main() -> None:
@@ -343,7 +391,7 @@ def worker_main() -> None:
             except wasmtime.ExitTrap as exc:
                 exit_code = exc.code
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-                exit_code, trap = None, f"trapped: {str(exc).strip().splitlines()[0][:300]}"
+                exit_code, trap = None, trap_summary(str(exc))
             seconds = time.perf_counter() - start
             with open(files["stdout"], "rb") as out, open(files["stderr"], "rb") as err:
                 send_message(replies, {"exit_code": exit_code, "trap": trap, "seconds": seconds},

@@ -366,12 +366,13 @@ def php_application(out: Path, manifest: dict[str, Any], docroot: Path, *, nativ
     if native:
         args = php_arguments(str, state, max_body_mib, opcache)
         backend = NativeBackend(out / program, args, docroot)
-        variables = {"WASMFORGE_STATE": str(state)}
+        variables = {"WASMFORGE_STATE": str(state), "TMPDIR": str(state / "tmp")}
     else:
         usual, _, _ = run_defaults(out, manifest, "php-cgi")
         dirs = [*((guest, host_dir, False) for guest, host_dir in usual), ("/srv", docroot, False),
                 ("/state", state, True)]
         args = php_arguments(lambda p: guest_path(dirs, p), state, max_body_mib, opcache)
-        backend = WasmBackend(out / program, args, dirs, workers, memory_mib << 20, log=log)
-        variables = {"WASMFORGE_STATE": "/state"}
+        backend = WasmBackend(out / program, args, dirs, workers, memory_mib << 20, log=log, lock_root=state)
+        # TMPDIR: where C libraries put temporary files (SQLite its statement journals), as anywhere.
+        variables = {"WASMFORGE_STATE": "/state", "TMPDIR": "/state/tmp"}
     return Application(docroot, backend, timeout=timeout, variables=variables, log=log)
