@@ -194,6 +194,7 @@ def test_the_cgi_variables_of_rfc_3875_reach_the_script(served):
     assert s["HTTP_X_CUSTOM"] == "yes" and "HTTP_PROXY" not in s
     # The state directory, as the program knows it: the guest path in wasm, the host's natively.
     assert s["WASMFORGE_STATE"] == "/state" if kind == "wasm" else "/state-native" in s["WASMFORGE_STATE"]
+    assert s["TMPDIR"] == ("/state/tmp" if kind == "wasm" else s["WASMFORGE_STATE"] + "/tmp")
     assert seen["get"] == {"q": "1", "r": "two"} and seen["post"] == {"name": "wasi"}
     assert seen["input"] == "name=wasi" and seen["cookie"] == {"c": "3"}
     assert any(re.search(r'"POST /env.php/extra/path\?q=1&r=two HTTP/1.1" 200 \d+ [\d.]+ ms', line) for line in lines)
@@ -366,3 +367,15 @@ def _read_until(conn: socket.socket, done) -> bytes:  # type: ignore[no-untyped-
             data += chunk
     return data
 
+
+
+@pytest.mark.integration
+def test_invoke_serve_on_a_port_in_use_says_so(php):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "invoke", "serve", "php-7.4.33", "--docroot", str(GUESTBOOK),
+                                 "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr

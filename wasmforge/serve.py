@@ -294,9 +294,16 @@ def run_server(app: Application, host: str, port: int, threads: int, max_body: i
     """Serve `app` until interrupted; `on_ready` is told the address once the socket listens."""
     import waitress.server
 
-    server = waitress.server.create_server(app, host=host, port=port, threads=threads,
-                                           max_request_body_size=max_body, ident=SERVER_SOFTWARE,
-                                           clear_untrusted_proxy_headers=True)
+    try:
+        server = waitress.server.create_server(app, host=host, port=port, threads=threads,
+                                               max_request_body_size=max_body, ident=SERVER_SOFTWARE,
+                                               clear_untrusted_proxy_headers=True)
+    except OSError as exc:
+        app.backend.close()
+        from .errors import WasmforgeError
+
+        raise WasmforgeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                             hint="choose another --port (0 picks a free one) or --host") from None
     on_ready(f"http://{host}:{server.effective_port}/")  # type: ignore[union-attr]
     try:
         server.run()
