@@ -337,25 +337,47 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
             "memory": "MiB of memory each wasm request may use (default: 512; PHP's memory_limit is 128M)",
             "max-body": "MiB a request body may have; larger ones get 413 (default: 64)",
             "opcache": "keep compiled scripts in OPcache's file cache, in the state directory",
+            "app": "an application of apps/ (wordpress): assembled from its pinned sources into the state "
+                   "directory and installed there on the first start",
             "flavor": "serve a flavor of the package"})
 @cli
-def serve(ctx, target, docroot=None, host="127.0.0.1", port="8080", workers=None, native=False, state=None,
+def serve(ctx, target, docroot=None, app=None, host="127.0.0.1", port="8080", workers=None, native=False, state=None,
           timeout="30", memory="512", max_body="64", opcache=False, flavor=None):
-    """Serve a PHP application over HTTP: invoke serve php-7.4.33 --docroot examples/php/guestbook."""
+    """Serve a PHP application over HTTP: invoke serve php-7.4.33 --docroot examples/php/guestbook, or --app wordpress."""
     import hashlib
 
     from wasmforge.serve import serve_php
-    if not docroot:
-        raise WasmforgeError("which application? give its directory with --docroot DIR",
-                             hint="invoke serve php-7.4.33 --docroot examples/php/guestbook")
+    if bool(docroot) == bool(app):
+        raise WasmforgeError("which application? give its directory with --docroot DIR, or --app NAME",
+                             hint="invoke serve php-7.4.33 --docroot examples/php/guestbook; "
+                                  "invoke serve php-7.4.33 --app wordpress")
     listen_port = 0 if str(port) == "0" else int(_number("--port", port, integer=True, maximum=65535) or 0)
     count = int(_number("--workers", workers, integer=True, maximum=64) or (os.cpu_count() or 2))
     config = _config()
     _, out, manifest = _built(config, RecipeBook.load(config.recipes_dir), target, flavor, native)
-    root = Path(docroot).resolve()
-    where = Path(state) if state else config.cache_dir / "serve" / (
-        f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}")
+    writable: list[Path] = []
+    when_listening = None
+    if app:
+        from wasmforge.apps import install, load_app, prepare_site
+        application = load_app(Path(__file__).parent / "apps", app)
+        where = (Path(state) if state else config.cache_dir / "serve" / app).resolve()
+        root = prepare_site(application, config, where, log)
+        writable = [root / rel for rel in application.site.get("writable", [])]
+
+        def when_listening(url: str) -> None:
+            try:
+                if install(application, url, where, log):
+                    steps = application.spec["install"]
+                    log(f"{app} installed: log in at {url.rstrip('/')}{steps.get('login', '/')} as "
+                        f"{steps.get('user')} with the password in {where / 'admin-password'}")
+            except WasmforgeError as exc:
+                log(f"error: {exc.render()}")
+    else:
+        root = Path(docroot).resolve()
+        where = Path(state) if state else config.cache_dir / "serve" / (
+            f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}")
     serve_php(out, manifest, root, native=native, host=host, port=listen_port, workers=count, state=where,
+              writable=writable, when_listening=when_listening,
               timeout=float(_number("--timeout", timeout, maximum=MAX_SECONDS) or 30),
               memory_mib=int(_number("--memory", memory, integer=True, maximum=4096) or 512),
               max_body_mib=int(_number("--max-body", max_body, integer=True, maximum=2048) or 64), opcache=opcache,

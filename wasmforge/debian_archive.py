@@ -105,12 +105,16 @@ class DebianArchive:
                               details=_tail(result.stderr))
         return files
 
-    def binary_file(self, package: str, suite: str) -> RemoteFile:
+    def binary_file(self, package: str, suite: str, version: str | None = None) -> RemoteFile:
+        """The newest `package` of `suite`, or exactly `version` of it (binaries come from one suite)."""
         self.ensure_lists()
-        result = self._apt("download", "--print-uris", f"{package}/{suite}")
+        result = self._apt("download", "--print-uris", f"{package}={version}" if version else f"{package}/{suite}")
         files = [RemoteFile(m["url"], m["name"], int(m["size"]), m["sha"]) for m in _URI_LINE.finditer(result.stdout)]
         if result.returncode != 0 or not files:
-            raise SourceError(f"Debian has no package {package} in {suite}", details=_tail(result.stderr))
+            what = f"{package} {version}" if version else package
+            raise SourceError(f"Debian has no package {what} in {suite}", details=_tail(result.stderr),
+                              hint="the archive keeps only the current version of each package: if a newer one "
+                                   "replaced it, the app's recipe must be updated" if version else None)
         return files[0]
 
 

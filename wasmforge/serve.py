@@ -16,7 +16,7 @@ import mimetypes
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -340,18 +340,29 @@ class BackgroundServer:
 
 def serve_php(out: Path, manifest: dict[str, Any], docroot: Path, *, native: bool, host: str, port: int,
               workers: int, state: Path, timeout: float, memory_mib: int, max_body_mib: int, opcache: bool,
-              log: Callable[[str], None]) -> None:
-    """Serve `docroot` with the php-cgi of the build in `out` until interrupted."""
+              log: Callable[[str], None], writable: Sequence[Path] = (),
+              when_listening: Callable[[str], None] | None = None) -> None:
+    """Serve `docroot` with the php-cgi of the build in `out` until interrupted; `when_listening` is
+    called on a thread of its own with the server's address once it listens."""
     app = php_application(out, manifest, docroot, native=native, workers=workers, state=state, timeout=timeout,
-                          memory_mib=memory_mib, max_body_mib=max_body_mib, log=log, opcache=opcache)
+                          memory_mib=memory_mib, max_body_mib=max_body_mib, log=log, opcache=opcache,
+                          writable=writable)
     log(f"serving {app.docroot} with {app.backend.name} php-cgi, {workers} workers, state in {state}")
-    run_server(app, host, port, threads=max(4, 2 * workers), max_body=max_body_mib << 20,
-               on_ready=lambda url: log(f"listening on {url}  (Ctrl-C stops)"))
+
+    def ready(url: str) -> None:
+        log(f"listening on {url}  (Ctrl-C stops)")
+        if when_listening:
+            import threading
+
+            threading.Thread(target=when_listening, args=(url,), daemon=True).start()
+
+    run_server(app, host, port, threads=max(4, 2 * workers), max_body=max_body_mib << 20, on_ready=ready)
 
 
 def php_application(out: Path, manifest: dict[str, Any], docroot: Path, *, native: bool, workers: int,
                     state: Path, timeout: float, memory_mib: int, max_body_mib: int,
-                    log: Callable[[str], None], opcache: bool = False) -> Application:
+                    log: Callable[[str], None], opcache: bool = False,
+                    writable: Sequence[Path] = ()) -> Application:
     """The application serving `docroot` with the php-cgi of the build in `out`.
 
     The wasm module sees the document root read-only at /srv, the state directory read-write at
@@ -378,6 +389,9 @@ def php_application(out: Path, manifest: dict[str, Any], docroot: Path, *, nativ
         usual, _, _ = run_defaults(out, manifest, "php-cgi")
         dirs = [*((guest, host_dir, False) for guest, host_dir in usual), ("/srv", docroot, False),
                 ("/state", state, True)]
+        # Directories of the site the application writes (uploads): read-write within the read-only
+        # document root (wasi-libc resolves a path through the deepest preopen that holds it).
+        dirs += [(f"/srv/{d.resolve().relative_to(docroot).as_posix()}", d.resolve(), True) for d in writable]
         args = php_arguments(lambda p: guest_path(dirs, p), state, max_body_mib, opcache)
         backend = WasmBackend(out / program, args, dirs, workers, memory_mib << 20, log=log, lock_root=state)
         # TMPDIR: where C libraries put temporary files (SQLite its statement journals), as anywhere.
