@@ -17,6 +17,7 @@ APT_PACKAGES=(
   ccache                                               # compile results shared between builds
   python3-venv
   docker-registry skopeo apache2-utils                 # the tests' OCI registry, its client and htpasswd
+  chromium chromium-driver                             # the tests' browser: served pages as a user sees them
 )
 
 if [ "$(id -u)" -eq 0 ]; then SUDO=(); else SUDO=(sudo); fi

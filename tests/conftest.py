@@ -85,6 +85,25 @@ def php_native(integration_config):
 
 
 @pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium through its chromedriver (never a driver Selenium would download)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for program in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+        if not Path(program).exists():
+            pytest.fail(f"{program} is missing: ./bootstrap.sh installs chromium and chromium-driver")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,900"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    driver.set_page_load_timeout(120)
+    yield driver
+    driver.quit()
+
+
+@pytest.fixture(scope="session")
 def lua_build(toolchain, integration_config):
     """Lua 5.4.7, built once for the whole session."""
     config = integration_config

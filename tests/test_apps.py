@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 from conftest import ROOT
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from wasmforge.apps import App, _copy_resolved, _unzip, load_app
 from wasmforge.errors import RecipeError, SourceError, WasmforgeError
@@ -116,7 +118,7 @@ def _png(width: int, height: int) -> bytes:
 
 
 @pytest.mark.integration
-def test_wordpress_installs_serves_a_post_a_comment_and_an_upload(php, tmp_path):
+def test_wordpress_installs_serves_a_post_a_comment_and_an_upload(php, browser, tmp_path):
     state = tmp_path / "state"
     server = subprocess.Popen([sys.executable, "-m", "invoke", "serve", "php-7.4.33", "--app", "wordpress",
                                "--state", str(state), "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -179,6 +181,23 @@ def test_wordpress_installs_serves_a_post_a_comment_and_an_upload(php, tmp_path)
         assert image.content == _png(400, 300)
         assert list((state / "site" / "wp-content" / "uploads").rglob("gradient-150x150.png"))
         assert (state / "database" / "wordpress.sqlite").is_file()
+
+        # In a real browser: the front page as rendered, then wp-admin after logging in through its form.
+        browser.delete_all_cookies()
+        browser.get(url + "/")
+        assert browser.title == "A WordPress on WebAssembly"
+        titles = [e.text for e in browser.find_elements(By.CSS_SELECTOR, ".wp-block-post-title")]
+        assert titles[:2] == ["Served from php-cgi.wasm", "Hello world!"]
+        assert browser.save_screenshot(str(tmp_path / "wordpress-front.png"))
+        browser.get(url + "/wp-login.php")
+        browser.find_element(By.ID, "user_login").send_keys("admin")
+        browser.find_element(By.ID, "user_pass").send_keys(password)
+        browser.find_element(By.ID, "wp-submit").click()
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.CSS_SELECTOR, "#wpbody h1"))
+        assert browser.current_url == url + "/wp-admin/"
+        assert browser.find_element(By.CSS_SELECTOR, "#wpbody h1").text == "Dashboard"
+        assert browser.save_screenshot(str(tmp_path / "wordpress-dashboard.png"))
+        assert (tmp_path / "wordpress-dashboard.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         server.terminate()
         try:

@@ -379,3 +379,26 @@ def test_invoke_serve_on_a_port_in_use_says_so(php):
                                  "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
+
+
+@pytest.mark.integration
+def test_the_guestbook_in_a_real_browser(php, browser, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    server = _start(php[2], GUESTBOOK, tmp_path / "state", False, [])
+    try:
+        browser.delete_all_cookies()
+        browser.get(server.url + "/")
+        assert browser.title == "Guestbook" and "0 entries" in browser.find_element(By.ID, "count").text
+        browser.find_element(By.NAME, "name").send_keys("Browser")
+        browser.find_element(By.NAME, "message").send_keys("Signed in Chromium")
+        browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        # The redirect after the POST lands on the page again, with the message of the session.
+        assert browser.find_element(By.ID, "flash").text == "Thank you, Browser!"
+        assert browser.find_element(By.CSS_SELECTOR, "#entries .message").text == "Signed in Chromium"
+        assert browser.current_url == server.url + "/"
+        browser.refresh()  # a reload after the redirect does not post again
+        assert "1 entries" in browser.find_element(By.ID, "count").text and not browser.find_elements(By.ID, "flash")
+        assert browser.save_screenshot(str(tmp_path / "guestbook.png"))
+    finally:
+        server.stop()
