@@ -389,9 +389,11 @@ def serve(ctx, target, docroot=None, app=None, host="127.0.0.1", port="8080", wo
     "connections": "concurrent connections wrk keeps open (default: 4)",
     "workers": "PHP workers of the server (default: the number of cores)",
     "opcache": "with OPcache's file cache",
+    "app": "also an application's front page (apps/NAME.yaml: wordpress), installed afresh for each backend",
     "output": "the Markdown file the table is appended to (default: docs/benchmarks.md)"})
 @cli
-def bench_serve(ctx, target, seconds="10", connections="4", workers=None, opcache=False, output="docs/benchmarks.md"):
+def bench_serve(ctx, target, seconds="10", connections="4", workers=None, opcache=False, app=None,
+                output="docs/benchmarks.md"):
     """Requests/s and latency of pages served from php-cgi.wasm and the native php-cgi: invoke bench-serve php-7.4.33."""
     from wasmforge.serve_bench import render, run_serve_bench, wrk_version
     config = _config()
@@ -401,8 +403,13 @@ def bench_serve(ctx, target, seconds="10", connections="4", workers=None, opcach
     duration = int(_number("--seconds", seconds, integer=True, maximum=600) or 10)
     clients = int(_number("--connections", connections, integer=True, maximum=256) or 4)
     count = int(_number("--workers", workers, integer=True, maximum=64) or (os.cpu_count() or 2))
+    application = None
+    if app:
+        from wasmforge.apps import load_app
+        application = load_app(Path(__file__).parent / "apps", app)
     rows = run_serve_bench((out, manifest), (native_out, native_manifest), Path(__file__).parent / "examples" / "php",
-                           seconds=duration, connections=clients, workers=count, opcache=opcache, log=log)
+                           seconds=duration, connections=clients, workers=count, opcache=opcache, config=config,
+                           log=log, app=application)
     command = "invoke bench-serve " + " ".join(sys.argv[sys.argv.index("bench-serve") + 1:])
     text = render(target, rows, command, duration, clients, count, opcache, wrk_version())
     print(text)

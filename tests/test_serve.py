@@ -402,3 +402,11 @@ def test_the_guestbook_in_a_real_browser(php, browser, tmp_path):
         assert browser.save_screenshot(str(tmp_path / "guestbook.png"))
     finally:
         server.stop()
+
+
+def test_the_load_table_says_n_a_where_native_served_nothing():
+    from wasmforge.serve_bench import Load, render
+
+    table = render("php-7.4.33", [("page", Load(0.0, 0.0, 0.0, 3, 40.0), Load(2.0, 500.0, 900.0, 0, 60.0))],
+                   "invoke bench-serve php-7.4.33", 10, 4, 2, False, "wrk 4.1.0")
+    assert "| page | 0.0 | 2.0 | n/a | 0.0 ms | 500.0 ms | 0.0 ms | 900.0 ms | n/a | 40 / 60 MiB | 3 / 0 |" in table

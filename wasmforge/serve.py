@@ -331,6 +331,10 @@ class BackgroundServer:
     def stop(self) -> None:
         # The request threads first (none may wake the loop once its sockets are closed), then every
         # socket of the loop, which then ends; then the PHP workers.
+        import logging
+
+        # Closing the sockets from this thread makes waitress log "unhandled close event": expected here.
+        logging.getLogger("waitress").setLevel(logging.ERROR)
         self.server.task_dispatcher.shutdown()  # type: ignore[union-attr]
         for channel in list(self.server._map.values()):  # type: ignore[union-attr]
             channel.handle_close()

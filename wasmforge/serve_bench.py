@@ -20,7 +20,9 @@ from typing import Any, NamedTuple
 
 import requests
 
+from .apps import App, install, prepare_site
 from .bench import machine_description
+from .config import Config
 from .errors import WasmforgeError
 from .runtime import wasmtime_version
 from .serve import BackgroundServer, php_application
@@ -30,9 +32,10 @@ HELLO = "<?php echo 'Hello, world!';\n"
 
 class Page(NamedTuple):
     name: str
-    docroot: Path
+    docroot: Path | None  # None: the application's site, assembled into each run's state directory
     path: str
     setup: Callable[[str], None] | None = None
+    app: App | None = None
 
 
 class Load(NamedTuple):
@@ -43,13 +46,17 @@ class Load(NamedTuple):
     worker_mib: float
 
 
-def pages(examples: Path, scratch: Path) -> list[Page]:
+def pages(examples: Path, scratch: Path, app: App | None = None) -> list[Page]:
     hello = scratch / "hello"
     hello.mkdir(parents=True, exist_ok=True)
     (hello / "index.php").write_text(HELLO)
-    return [Page("seed demo (examples/php/docroot/index.php)", examples / "docroot", "/index.php"),
-            Page("hello world", hello, "/"),
-            Page("guestbook, 20 entries (examples/php/guestbook)", examples / "guestbook", "/", _sign_guestbook)]
+    found = [Page("seed demo (examples/php/docroot/index.php)", examples / "docroot", "/index.php"),
+             Page("hello world", hello, "/"),
+             Page("guestbook, 20 entries (examples/php/guestbook)", examples / "guestbook", "/", _sign_guestbook)]
+    if app:
+        found.append(Page(f"{app.name} {app.version} front page (apps/{app.file.name}, freshly installed)", None, "/",
+                          app=app))
+    return found
 
 
 def _sign_guestbook(url: str) -> None:
@@ -69,13 +76,20 @@ def wrk_command() -> str:
 
 
 def measure(build: Path, manifest: dict[str, Any], page: Page, *, native: bool, seconds: int, connections: int,
-            workers: int, opcache: bool, scratch: Path, log: Callable[[str], None]) -> Load:
+            workers: int, opcache: bool, scratch: Path, config: Config, log: Callable[[str], None]) -> Load:
     state = Path(tempfile.mkdtemp(prefix="state-", dir=scratch))
-    app = php_application(build, manifest, page.docroot, native=native, workers=workers, state=state, timeout=30,
-                          memory_mib=512, max_body_mib=8, log=lambda line: None, opcache=opcache)
+    docroot, writable = page.docroot, []
+    if page.app:
+        docroot = prepare_site(page.app, config, state, log)
+        writable = [docroot / rel for rel in page.app.site.get("writable", [])]
+    assert docroot is not None
+    app = php_application(build, manifest, docroot, native=native, workers=workers, state=state, timeout=30,
+                          memory_mib=512, max_body_mib=8, log=lambda line: None, opcache=opcache, writable=writable)
     server = BackgroundServer(app, threads=max(4, 2 * workers))
     url = server.url + page.path
     try:
+        if page.app:
+            install(page.app, server.url, state, log)
         if page.setup:
             page.setup(url)
         for _ in range(10):  # warm: the workers started, OPcache's file cache written
@@ -167,28 +181,28 @@ def render(target: str, rows: list[tuple[str, Load, Load]], command: str, second
              "| p99 wasm / native | memory per worker (native / wasm) | failed (native / wasm) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, native, wasm in rows:
-        lines.append(f"| {name} | {native.requests_per_second:.1f} | {wasm.requests_per_second:.1f} | "
-                     f"{wasm.requests_per_second / native.requests_per_second:.0%} | {native.p50_ms:.1f} ms | "
-                     f"{wasm.p50_ms:.1f} ms | {native.p99_ms:.1f} ms | {wasm.p99_ms:.1f} ms | "
-                     f"{wasm.p99_ms / native.p99_ms:.2f}x | {native.worker_mib:.0f} / {wasm.worker_mib:.0f} MiB | "
-                     f"{native.errors} / {wasm.errors} |")
+        rate = f"{wasm.requests_per_second / native.requests_per_second:.0%}" if native.requests_per_second else "n/a"
+        tail = f"{wasm.p99_ms / native.p99_ms:.2f}x" if native.p99_ms else "n/a"
+        lines.append(f"| {name} | {native.requests_per_second:.1f} | {wasm.requests_per_second:.1f} | {rate} | "
+                     f"{native.p50_ms:.1f} ms | {wasm.p50_ms:.1f} ms | {native.p99_ms:.1f} ms | {wasm.p99_ms:.1f} ms | "
+                     f"{tail} | {native.worker_mib:.0f} / {wasm.worker_mib:.0f} MiB | {native.errors} / {wasm.errors} |")
     return "\n".join(lines) + "\n"
 
 
 def run_serve_bench(wasm: tuple[Path, dict[str, Any]], native: tuple[Path, dict[str, Any]], examples: Path, *,
-                    seconds: int, connections: int, workers: int, opcache: bool,
-                    log: Callable[[str], None]) -> list[tuple[str, Load, Load]]:
+                    seconds: int, connections: int, workers: int, opcache: bool, config: Config,
+                    log: Callable[[str], None], app: App | None = None) -> list[tuple[str, Load, Load]]:
     wrk_command()
     scratch = Path(tempfile.mkdtemp(prefix="wasmforge-bench-serve-"))
     rows = []
     try:
-        for page in pages(examples, scratch):
+        for page in pages(examples, scratch, app):
             measured = {}
             for kind, (build, manifest) in (("native", native), ("wasm", wasm)):
                 log(f"{page.name}: {kind}, {seconds} s of load")
                 measured[kind] = measure(build, manifest, page, native=kind == "native", seconds=seconds,
                                          connections=connections, workers=workers, opcache=opcache,
-                                         scratch=scratch, log=log)
+                                         scratch=scratch, config=config, log=log)
                 log(f"  {measured[kind].requests_per_second:.1f} req/s, p50 {measured[kind].p50_ms:.1f} ms, "
                     f"p99 {measured[kind].p99_ms:.1f} ms")
             rows.append((page.name, measured["native"], measured["wasm"]))
