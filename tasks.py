@@ -336,13 +336,14 @@ def run(ctx, target, dir=None, env=None, program=None, timeout=None, memory=None
             "timeout": "seconds a request may run PHP before it is answered with 504 (default: 30)",
             "memory": "MiB of memory each wasm request may use (default: 512; PHP's memory_limit is 128M)",
             "max-body": "MiB a request body may have; larger ones get 413 (default: 64)",
-            "opcache": "keep compiled scripts in OPcache's file cache, in the state directory",
+            "opcache": "keep compiled scripts in OPcache's file cache in the state directory (on by default: it "
+                       "multiplies WordPress's requests per second, docs/benchmarks.md; --no-opcache turns it off)",
             "app": "an application of apps/ (wordpress): assembled from its pinned sources into the state "
                    "directory and installed there on the first start",
             "flavor": "serve a flavor of the package"})
 @cli
 def serve(ctx, target, docroot=None, app=None, host="127.0.0.1", port="8080", workers=None, native=False, state=None,
-          timeout="30", memory="512", max_body="64", opcache=False, flavor=None):
+          timeout="30", memory="512", max_body="64", opcache=True, flavor=None):
     """Serve a PHP application over HTTP: invoke serve php-7.4.33 --docroot examples/php/guestbook, or --app wordpress."""
     import hashlib
 
@@ -388,11 +389,11 @@ def serve(ctx, target, docroot=None, app=None, host="127.0.0.1", port="8080", wo
     "seconds": "seconds of load per page and backend (default: 10)",
     "connections": "concurrent connections wrk keeps open (default: 4)",
     "workers": "PHP workers of the server (default: the number of cores)",
-    "opcache": "with OPcache's file cache",
+    "opcache": "with OPcache's file cache, as invoke serve by default (--no-opcache: without)",
     "app": "also an application's front page (apps/NAME.yaml: wordpress), installed afresh for each backend",
     "output": "the Markdown file the table is appended to (default: docs/benchmarks.md)"})
 @cli
-def bench_serve(ctx, target, seconds="10", connections="4", workers=None, opcache=False, app=None,
+def bench_serve(ctx, target, seconds="10", connections="4", workers=None, opcache=True, app=None,
                 output="docs/benchmarks.md"):
     """Requests/s and latency of pages served from php-cgi.wasm and the native php-cgi: invoke bench-serve php-7.4.33."""
     from wasmforge.serve_bench import render, run_serve_bench, wrk_version
