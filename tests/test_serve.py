@@ -340,7 +340,7 @@ def test_the_guestbook_with_a_session_and_a_redirect_after_post(php, php_native,
                 assert posted.status_code == 303 and posted.headers["Location"] == "/"
                 after = visitor.get(server.url + "/")
                 assert "Thank you, Ann!" in after.text and "héllo &lt;b&gt;" in after.text
-                assert "1 entries" in after.text
+                assert "1 entry" in after.text
                 assert "Thank you" not in visitor.get(server.url + "/").text  # the message was for one page
                 assert requests.post(server.url + "/", data={"token": "forged", "name": "x", "message": "y"}
                                      ).status_code == 403
@@ -398,7 +398,7 @@ def test_the_guestbook_in_a_real_browser(php, browser, tmp_path):
         assert browser.find_element(By.CSS_SELECTOR, "#entries .message").text == "Signed in Chromium"
         assert browser.current_url == server.url + "/"
         browser.refresh()  # a reload after the redirect does not post again
-        assert "1 entries" in browser.find_element(By.ID, "count").text and not browser.find_elements(By.ID, "flash")
+        assert "1 entry" in browser.find_element(By.ID, "count").text and not browser.find_elements(By.ID, "flash")
         assert browser.save_screenshot(str(tmp_path / "guestbook.png"))
     finally:
         server.stop()

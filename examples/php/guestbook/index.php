@@ -44,7 +44,7 @@ $h = static fn(string $s): string => htmlspecialchars($s, ENT_QUOTES, 'UTF-8');
 <head><meta charset="utf-8"><title>Guestbook</title><link rel="stylesheet" href="style.css"></head>
 <body>
 <h1>Guestbook</h1>
-<p id="count"><?= $count ?> entries, served by PHP <?= PHP_VERSION ?> on <?= $h(PHP_OS) ?></p>
+<p id="count"><?= $count ?> <?= $count === 1 ? 'entry' : 'entries' ?>, served by PHP <?= PHP_VERSION ?> on <?= $h(PHP_OS) ?></p>
 <?php if ($flash !== null): ?><p id="flash"><?= $h($flash) ?></p><?php endif ?>
 <form method="post">
   <input type="hidden" name="token" value="<?= $h($_SESSION['token']) ?>">
