@@ -17,6 +17,7 @@ import requests
 from conftest import ROOT
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+from test_serve import session_env
 
 from wasmforge.apps import App, _copy_resolved, _unzip, load_app
 from wasmforge.errors import RecipeError, SourceError, WasmforgeError
@@ -121,7 +122,8 @@ def _png(width: int, height: int) -> bytes:
 def test_wordpress_installs_serves_a_post_a_comment_and_an_upload(php, browser, tmp_path):
     state = tmp_path / "state"
     server = subprocess.Popen([sys.executable, "-m", "invoke", "serve", "php-7.4.33", "--app", "wordpress",
-                               "--state", str(state), "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+                               "--state", str(state), "--port", "0"], cwd=ROOT, stderr=subprocess.PIPE, text=True,
+                              env=session_env(php[0]))
     log: list[str] = []
     installed = threading.Event()
 

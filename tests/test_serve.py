@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import email.utils
+import os
 import re
 import socket
 import subprocess
@@ -357,6 +358,11 @@ def test_invoke_serve_without_a_docroot_says_what_to_give():
     assert result.returncode == 1 and "--docroot DIR" in result.stderr and "Traceback" not in result.stderr
 
 
+def session_env(config) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """The environment in which `invoke` finds the session's builds (its output directory and store)."""
+    return {**os.environ, "WASMFORGE_OUTPUT": str(config.outputs), "WASMFORGE_STORE": str(config.artifacts)}
+
+
 def _read_until(conn: socket.socket, done) -> bytes:  # type: ignore[no-untyped-def]
     data = b""
     with contextlib.suppress(TimeoutError, ConnectionResetError):
@@ -376,7 +382,8 @@ def test_invoke_serve_on_a_port_in_use_says_so(php):
         taken.listen()
         port = taken.getsockname()[1]
         result = subprocess.run([sys.executable, "-m", "invoke", "serve", "php-7.4.33", "--docroot", str(GUESTBOOK),
-                                 "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+                                 "--port", str(port)], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                                env=session_env(php[0]))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in result.stderr
 
