@@ -391,6 +391,7 @@ def test_invoke_serve_on_a_port_in_use_says_so(php):
 @pytest.mark.integration
 def test_the_guestbook_in_a_real_browser(php, browser, tmp_path):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
 
     server = _start(php[2], GUESTBOOK, tmp_path / "state", False, [])
     try:
@@ -400,7 +401,9 @@ def test_the_guestbook_in_a_real_browser(php, browser, tmp_path):
         browser.find_element(By.NAME, "name").send_keys("Browser")
         browser.find_element(By.NAME, "message").send_keys("Signed in Chromium")
         browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-        # The redirect after the POST lands on the page again, with the message of the session.
+        # The redirect after the POST lands on the page again, with the message of the session (the
+        # click returns before that navigation ends, so the test waits for the new page).
+        WebDriverWait(browser, 60).until(lambda b: b.find_elements(By.ID, "flash"))
         assert browser.find_element(By.ID, "flash").text == "Thank you, Browser!"
         assert browser.find_element(By.CSS_SELECTOR, "#entries .message").text == "Signed in Chromium"
         assert browser.current_url == server.url + "/"
