@@ -10,7 +10,6 @@ packages: the site is plain files, the same in wasm and natively.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
@@ -27,6 +26,7 @@ import yaml
 from .config import Config
 from .errors import RecipeError, SourceError, WasmforgeError
 from .outputs import plain_relative
+from .verified import file_sha256
 
 SITE = "site"
 MARKER = ".wasmforge-app.json"
@@ -45,7 +45,7 @@ class App:
         return self.spec["site"]
 
     def digest(self) -> str:
-        return hashlib.sha256(self.file.read_bytes()).hexdigest()
+        return file_sha256(self.file)
 
 
 def load_app(apps_dir: Path, name: str) -> App:
@@ -221,7 +221,7 @@ def _npm_file(reference: str, npm_dirs: dict[str, Path], app: App) -> Path:
 def _unzip(archive: Path, sha256: str, top: str | None, dest: Path, app: App) -> None:
     """Extract a zip checked against `sha256`: regular files and directories only, inside `dest`,
     its single `top` directory dropped, at most MAX_UNZIPPED bytes."""
-    if hashlib.sha256(archive.read_bytes()).hexdigest() != sha256:
+    if file_sha256(archive) != sha256:
         raise SourceError(f"{archive.name} does not match the sha256 {app.file.name} pins", where=str(archive))
     written = 0
     with zipfile.ZipFile(archive) as zipped:

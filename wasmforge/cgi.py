@@ -343,7 +343,7 @@ def worker_main() -> None:
     """A worker: load the module, then run one request per message until our parent closes the pipe."""
     import wasmtime
 
-    from .runtime import ProcExit, Runner, make_engine, wasi_linker
+    from .runtime import Runner, call_start, make_engine, wasi_linker
 
     requests = os.fdopen(0, "rb")
     replies = os.fdopen(os.dup(1), "wb")
@@ -382,16 +382,8 @@ def worker_main() -> None:
             wasi.stdin_file, wasi.stdout_file, wasi.stderr_file = files["stdin"], files["stdout"], files["stderr"]
             store.set_wasi(wasi)
             start = time.perf_counter()
-            exit_code: int | None = 0
-            trap = None
-            try:
-                instance.exports(store)["_start"](store)
-            except ProcExit as exc:
-                exit_code = exc.code
-            except wasmtime.ExitTrap as exc:
-                exit_code = exc.code
-            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-                exit_code, trap = None, trap_summary(str(exc))
+            exit_code, trap_text = call_start(instance.exports(store)["_start"], store)
+            trap = trap_summary(trap_text) if trap_text is not None else None
             seconds = time.perf_counter() - start
             with open(files["stdout"], "rb") as out, open(files["stderr"], "rb") as err:
                 send_message(replies, {"exit_code": exit_code, "trap": trap, "seconds": seconds},

@@ -38,7 +38,7 @@ from .errors import RunError
 from .stdio import reserve_std_fds
 from .verified import fd_sha256
 
-__all__ = ["ProcExit", "RunResult", "Runner", "load_precompiled", "reserve_std_fds", "uses_exceptions", "wasi_linker"]
+__all__ = ["ProcExit", "RunResult", "Runner", "call_start", "load_precompiled", "reserve_std_fds", "uses_exceptions", "wasi_linker"]
 
 TAG_SECTION = 13
 
@@ -252,6 +252,19 @@ def wasi_linker(engine: wasmtime.Engine) -> wasmtime.Linker:
     return linker
 
 
+def call_start(start: wasmtime.Func, store: wasmtime.Store) -> tuple[int | None, str | None]:
+    """Run a command's `_start`: (its exit status, None), or (None, wasmtime's text) when it traps."""
+    try:
+        start(store)
+    except ProcExit as exc:
+        return exc.code, None
+    except wasmtime.ExitTrap as exc:
+        return exc.code, None
+    except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
+        return None, str(exc)
+    return 0, None
+
+
 class Runner:
     """Loads modules once per process (compiled or precompiled) and runs them."""
 
@@ -343,8 +356,6 @@ class Runner:
                 timer = threading.Timer(timeout, on_timeout)
                 timer.daemon = True
             start = time.perf_counter()
-            exit_code: int | None = 0
-            trap = None
             try:
                 instance = linker.instantiate(store, module)
             except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
@@ -359,14 +370,7 @@ class Runner:
             try:
                 if timer:
                     timer.start()
-                start_func(store)
-            except ProcExit as exc:
-                exit_code = exc.code
-            except wasmtime.ExitTrap as exc:
-                exit_code = exc.code
-            except (wasmtime.Trap, wasmtime.WasmtimeError) as exc:
-                exit_code = None
-                trap = str(exc)
+                exit_code, trap = call_start(start_func, store)
             finally:
                 if timer:
                     timer.cancel()
