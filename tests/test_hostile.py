@@ -860,8 +860,12 @@ def test_a_killed_build_leaves_no_compiler_running(project, toolchain, tmp_path,
                        "store": str(project.config.artifacts), "cache": str(project.config.cache_dir),
                        "mirrors": list(project.config.mirrors)})
     script = BUILD_SCRIPT.replace("hello-1.0", "slow-1.0")
+    # A build started from a terminal has SIGINT at its default, so Python turns Ctrl-C into KeyboardInterrupt.
+    # Whoever started this test run may have ignored SIGINT (a shell's `cmd &` does), and an ignored signal is
+    # inherited across exec and kept by Python: restore the default so the child is the build a user has.
     proc = subprocess.Popen([sys.executable, "-c", script, args], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
     def sleepers() -> list[str]:
         out = subprocess.run(["pgrep", "-f", f"sleep {marker}"], capture_output=True, text=True).stdout
