@@ -360,7 +360,7 @@ def serve(ctx, target, docroot=None, app=None, host="127.0.0.1", port="8080", wo
     when_listening = None
     if app:
         from wasmforge.apps import install, load_app, prepare_site
-        application = load_app(Path(__file__).parent / "apps", app)
+        application = load_app(config.apps_dir, app)
         where = (Path(state) if state else config.cache_dir / "serve" / app).resolve()
         root = prepare_site(application, config, where, log)
         writable = [root / rel for rel in application.site.get("writable", [])]
@@ -407,7 +407,7 @@ def bench_serve(ctx, target, seconds="10", connections="4", workers=None, opcach
     application = None
     if app:
         from wasmforge.apps import load_app
-        application = load_app(Path(__file__).parent / "apps", app)
+        application = load_app(config.apps_dir, app)
     rows = run_serve_bench((out, manifest), (native_out, native_manifest), Path(__file__).parent / "examples" / "php",
                            seconds=duration, connections=clients, workers=count, opcache=opcache, config=config,
                            log=log, app=application)

@@ -77,6 +77,10 @@ class Config:
         return self.root / "recipes"
 
     @property
+    def apps_dir(self) -> Path:
+        return self.root / "apps"
+
+    @property
     def patches_dir(self) -> Path:
         return self.root / "patches"
 
