@@ -446,12 +446,13 @@ def compare(ctx, target, script, program=None, width=0):
 
 
 @task(help={"jobs": "parallel test workers (default: the number of cores)",
-            "output": "where to write the report (default: the recipe's conformance.report)",
+            "output": "where to write the report (default: the recipe's conformance.report; a run of some "
+                      "suites only: beside its logs, so that it does not replace the published report)",
             "from-logs": "rewrite the report from the last run's logs instead of running the tests"})
 @cli
 def conformance(ctx, target, jobs=None, output=None, from_logs=False):
     """Run upstream's own tests (the recipe's driver) on the wasm and native builds: invoke conformance php-7.4.33 [-- DIRS...]."""
-    from wasmforge.conformance import render_report, results_from_logs, run_conformance
+    from wasmforge.conformance import render_report, report_path, results_from_logs, run_conformance
     from wasmforge.outputs import run_defaults
     config = _config(jobs=jobs)
     book = RecipeBook.load(config.recipes_dir)
@@ -472,12 +473,12 @@ def conformance(ctx, target, jobs=None, output=None, from_logs=False):
                                   jobs=config.jobs, log=log,
                                   readonly_dirs={r: run_defaults(out, manifest, p)[0] for r, p in programs.items()})
     command = "invoke conformance " + target + (" -- " + " ".join(_remainder(ctx)) if _remainder(ctx) else "")
-    # The recipe's report path is a file of this checkout, wherever invoke was started.
-    report = Path(output) if output else Path(__file__).parent / package.conformance_report()
+    report = report_path(package, config, Path(output) if output else None, subset=bool(_remainder(ctx)))
     report.parent.mkdir(parents=True, exist_ok=True)
     tree = config.outputs / ".conformance" / package.target / "src"
     report.write_text(render_report(package, results, command, tree))
-    print(f"wrote {report}")
+    print(f"wrote {report}" + ("" if output or not _remainder(ctx) else
+                               f" (some suites only: the full run writes {package.conformance_report()})"))
 
 
 @task(help={"runs": "runs per start-up measurement (the median is reported; long workloads use at most 3)",

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from wasmforge.conformance import _RESULT, Counts, failure_cause, plain_log, wasm_rate
+from pathlib import Path
+
+from wasmforge.config import Config
+from wasmforge.conformance import _RESULT, Counts, failure_cause, plain_log, report_path, wasm_rate
+from wasmforge.recipe import RecipeBook
 
 LOG = (
     "PASS Trivial [tests/basic/001.phpt] \n"
@@ -96,3 +100,13 @@ def test_why_native_passes_do_not_pass_in_wasm_comes_from_the_wasm_report(tmp_pa
     # Quoted names (temporary files) are left out, so one cause is one group.
     path.write_text(JUNIT.replace('message="no"', "message=\"PermissionError: denied: '/tmp/tmpa8x2'\""))
     assert read_junit(path).reasons["test.test_x.A.test_errs"] == "failed: PermissionError: denied: '…'"
+
+
+def test_a_run_of_some_suites_does_not_replace_the_published_report(tmp_path):
+    config = Config.from_env(output_dir=tmp_path / "out")
+    book = RecipeBook.load(config.recipes_dir)
+    package = book.package(book.parse_target("php-7.4.33"))
+    assert report_path(package, config, None, subset=False) == config.root / "docs" / "conformance.md"
+    subset = report_path(package, config, None, subset=True)
+    assert subset == tmp_path / "out" / ".conformance" / "php-7.4.33" / "report-subset.md"
+    assert report_path(package, config, Path("x.md"), subset=True) == Path("x.md")

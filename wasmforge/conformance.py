@@ -341,6 +341,17 @@ def classify_failures(tree: Path, tests: list[str]) -> dict[str, list[str]]:
     return groups
 
 
+def report_path(package: Package, config: Config, output: Path | None, subset: bool) -> Path:
+    """Where a run's report goes: --output if given; the recipe's report (a file of this checkout,
+    wherever invoke was started) for a run of every suite; for a run of some suites only, a file beside
+    the logs, because its table would replace the published one with those suites' rows."""
+    if output is not None:
+        return output
+    if subset:
+        return config.outputs / ".conformance" / package.target / "report-subset.md"
+    return config.root / package.conformance_report()
+
+
 def results_from_logs(package: Package, config: Config, dirs: list[str]) -> dict[str, tuple[Counts, Counts]]:
     """Re-read the logs of the last run (to rewrite the report without running the tests again)."""
     root = config.outputs / ".conformance" / package.target
