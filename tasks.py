@@ -56,6 +56,11 @@ def cli(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if any(a in ("--help", "-h") for a in [*args[1:], *kwargs.values()]):
+            # invoke gives a task's positional argument the next word, even `--help`: show the help
+            # that `invoke --help TASK` shows instead of looking for a package called --help.
+            name = func.__name__.rstrip("_").replace("_", "-")
+            os.execv(sys.executable, [sys.executable, "-m", "invoke", "--help", name])
         try:
             return func(*args, **kwargs)
         except WasmforgeError as exc:

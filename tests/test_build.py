@@ -494,6 +494,13 @@ def test_cli_errors_have_no_traceback():
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("task", ["build", "run", "bench-serve", "list"])
+def test_a_task_given_help_after_its_name_shows_its_help(task):
+    result = subprocess.run([sys.executable, "-m", "invoke", task, "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert f"Usage: inv[oke] [--core-opts] {task}" in result.stdout and "Docstring:" in result.stdout
+
+
 def test_a_failing_dependency_stops_the_build_before_the_dependant_starts(project, toolchain):
     dep_sha = _source(project, "base", "1.0", {"hello.c": "int main(void) { return broken_symbol; }\n",
                                                "Makefile": MAKEFILE})
