@@ -260,6 +260,24 @@ def test_a_script_that_loops_forever_gets_504_while_others_are_served(served):
 
 
 @pytest.mark.integration
+def test_each_wasm_worker_runs_with_all_its_threads_on_one_cpu_in_turn(served):
+    server, _, kind = served
+    if kind == "native":
+        return  # a native php-cgi is a process per request, placed by the kernel
+    assert requests.get(f"{server.url}/global.php").text == "1"  # wasmtime's WASI threads exist now
+    placed = []
+    for worker in list(server.app.backend.all):
+        allowed = set()
+        for task in os.listdir(f"/proc/{worker.pid}/task"):
+            with contextlib.suppress(ProcessLookupError):  # a pool thread that ended meanwhile
+                allowed.add(frozenset(os.sched_getaffinity(int(task))))
+        assert len(allowed) == 1 and len(cpus := next(iter(allowed))) == 1, allowed
+        placed.append(next(iter(cpus)))
+    ours = sorted(os.sched_getaffinity(0))
+    assert sorted(placed) == sorted(ours[i % len(ours)] for i in range(len(placed)))
+
+
+@pytest.mark.integration
 def test_a_worker_stopped_inside_a_sqlite_transaction_leaves_no_lock_behind(served):
     server, lines, kind = served
     assert requests.get(f"{server.url}/lock.php", timeout=30).status_code == 504

@@ -203,14 +203,19 @@ class WasmBackend(Backend):
         self.size = workers
         self.lock_root = lock_root
         self.recovering = threading.Lock()
-        for _ in range(workers):
-            self.idle.put(self._spawn())
+        # Each worker runs on one CPU of ours, in turn: wasmtime's WASI does each file operation on a
+        # thread of its own pool and waits for it, and that hand-over costs far less when both threads
+        # share a CPU (a WordPress page does ~6,000 of them: 0.34 s pinned against 0.55 s not, measured
+        # 2026-12-07 on this 2-core VM under load). A replacement takes the CPU of the worker it replaces.
+        cpus = sorted(os.sched_getaffinity(0))
+        for i in range(workers):
+            self.idle.put(self._spawn(cpus[i % len(cpus)]))
 
     def path(self, host: Path) -> str:
         return guest_path(self.dirs, host)
 
-    def _spawn(self) -> _Worker:
-        worker = _Worker(self.config)
+    def _spawn(self, cpu: int) -> _Worker:
+        worker = _Worker({**self.config, "cpu": cpu})
         with self.lock:
             self.all.add(worker)
         return worker
@@ -233,7 +238,7 @@ class WasmBackend(Backend):
             self._retire(worker)
             self.log(f"worker {worker.pid} replaced: {result.describe()}")
             if not self.closed:
-                self.idle.put(self._spawn())
+                self.idle.put(self._spawn(worker.cpu))
                 if self.lock_root:
                     threading.Thread(target=self._clear_stale_locks, daemon=True).start()
         else:
@@ -286,7 +291,7 @@ class _Worker:
     def __init__(self, config: dict[str, Any]) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "wasmforge.cgi"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, start_new_session=True)
-        self.pid = self.proc.pid
+        self.pid, self.cpu = self.proc.pid, config["cpu"]
         assert self.proc.stdin and self.proc.stdout
         self.to_worker, self.from_worker = self.proc.stdin, self.proc.stdout
         self.ready = False
@@ -352,6 +357,9 @@ def worker_main() -> None:
     if first is None:
         return
     config = first[0]
+    # Before wasmtime starts any thread: they all inherit this CPU (see WasmBackend).
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {config["cpu"]})
     try:
         module, exceptions, _ = Runner().load(Path(config["module"]))
         engine = make_engine(exceptions, False)
