@@ -383,7 +383,7 @@ def serve(ctx, target, docroot=None, app=None, host="127.0.0.1", port="8080", wo
         where = Path(state) if state else config.cache_dir / "serve" / (
             f"{root.name}-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}")
     serve_php(out, manifest, root, native=native, host=host, port=listen_port, workers=count, state=where,
-              writable=writable, when_listening=when_listening,
+              writable=writable, when_listening=when_listening, fixed_code=bool(app),
               timeout=float(_number("--timeout", timeout, maximum=MAX_SECONDS) or 30),
               memory_mib=int(_number("--memory", memory, integer=True, maximum=4096) or 512),
               max_body_mib=int(_number("--max-body", max_body, integer=True, maximum=2048) or 64), opcache=opcache,

@@ -21,7 +21,7 @@ from conftest import ROOT
 
 from wasmforge.cgi import BadCgiResponse, parse_cgi_response
 from wasmforge.errors import WasmforgeError
-from wasmforge.serve import BackgroundServer, Route, byte_range, php_application, route
+from wasmforge.serve import BackgroundServer, Route, byte_range, php_application, php_arguments, route
 from wasmforge.serve_bench import parse_wrk
 
 GUESTBOOK = ROOT / "examples" / "php" / "guestbook"
@@ -80,6 +80,17 @@ def test_wrks_report_is_read_with_its_units_and_failures():
 
 
 # Routing ------------------------------------------------------------------------------------------
+
+def test_opcache_trusts_an_assembled_apps_scripts_and_starts_its_file_cache_afresh(tmp_path):
+    stale = tmp_path / "opcache" / "old-build" / "index.php.bin"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"compiled from the files of an earlier site")
+    own = php_arguments(str, tmp_path, 8, opcache=True)
+    assert "opcache.validate_timestamps=1" in own and stale.exists()  # a docroot of the user's: edits count
+    assembled = php_arguments(str, tmp_path, 8, opcache=True, fixed_code=True)
+    assert "opcache.validate_timestamps=0" in assembled and f"opcache.file_cache={tmp_path / 'opcache'}" in assembled
+    assert (tmp_path / "opcache").is_dir() and not any((tmp_path / "opcache").iterdir())
+
 
 @pytest.fixture
 def docroot(tmp_path: Path) -> Path:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import email.utils
 import mimetypes
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -271,21 +272,28 @@ def _ms(result: CgiResult) -> str:
     return f"php {result.seconds * 1000:.1f} ms"
 
 
-def php_arguments(to_program: Callable[[Path], str], state: Path, max_body_mib: int, opcache: bool) -> list[str]:
+def php_arguments(to_program: Callable[[Path], str], state: Path, max_body_mib: int, opcache: bool,
+                  fixed_code: bool = False) -> list[str]:
     """php-cgi's settings for serving (no php.ini is read: the same for wasm and native). Errors go to
     the server's log, not the page; a 4 KiB output buffer lets a fatal error still send status 500;
     uploads, sessions and temporary files live in the state directory's tmp/. With `opcache`, compiled
     scripts are kept in the state directory's opcache/ (file cache only: neither a wasm instance nor a
-    CGI process outlives its request, so shared memory would be lost each time)."""
+    CGI process outlives its request, so shared memory would be lost each time). With `fixed_code` (an
+    application we assembled, whose scripts PHP cannot change), OPcache does not check each script's
+    timestamp: that saves a file system call per included file and made a WordPress page cost 26% less
+    CPU in wasm (docs/benchmarks.md); the file cache is emptied instead each time the server starts, so
+    a site assembled again never runs what was compiled from its old files."""
     tmp = to_program(state / "tmp")
     settings = {"display_errors": "0", "log_errors": "1", "html_errors": "0", "output_buffering": "4096",
                 "memory_limit": "128M", "date.timezone": "UTC",
                 "post_max_size": f"{max_body_mib}M", "upload_max_filesize": f"{max_body_mib}M",
                 "upload_tmp_dir": tmp, "sys_temp_dir": tmp, "session.save_path": tmp}
     if opcache:
+        if fixed_code:
+            shutil.rmtree(state / "opcache", ignore_errors=True)
         (state / "opcache").mkdir(exist_ok=True)
         settings |= {"opcache.enable": "1", "opcache.file_cache": to_program(state / "opcache"),
-                     "opcache.file_cache_only": "1", "opcache.validate_timestamps": "1"}
+                     "opcache.file_cache_only": "1", "opcache.validate_timestamps": "0" if fixed_code else "1"}
     return ["-n", *(arg for key, value in settings.items() for arg in ("-d", f"{key}={value}"))]
 
 
@@ -344,13 +352,13 @@ class BackgroundServer:
 
 def serve_php(out: Path, manifest: dict[str, Any], docroot: Path, *, native: bool, host: str, port: int,
               workers: int, state: Path, timeout: float, memory_mib: int, max_body_mib: int, opcache: bool,
-              log: Callable[[str], None], writable: Sequence[Path] = (),
+              log: Callable[[str], None], writable: Sequence[Path] = (), fixed_code: bool = False,
               when_listening: Callable[[str], None] | None = None) -> None:
     """Serve `docroot` with the php-cgi of the build in `out` until interrupted; `when_listening` is
     called on a thread of its own with the server's address once it listens."""
     app = php_application(out, manifest, docroot, native=native, workers=workers, state=state, timeout=timeout,
                           memory_mib=memory_mib, max_body_mib=max_body_mib, log=log, opcache=opcache,
-                          writable=writable)
+                          writable=writable, fixed_code=fixed_code)
     log(f"serving {app.docroot} with {app.backend.name} php-cgi, {workers} workers, state in {state}")
 
     def ready(url: str) -> None:
@@ -366,7 +374,7 @@ def serve_php(out: Path, manifest: dict[str, Any], docroot: Path, *, native: boo
 def php_application(out: Path, manifest: dict[str, Any], docroot: Path, *, native: bool, workers: int,
                     state: Path, timeout: float, memory_mib: int, max_body_mib: int,
                     log: Callable[[str], None], opcache: bool = False,
-                    writable: Sequence[Path] = ()) -> Application:
+                    writable: Sequence[Path] = (), fixed_code: bool = False) -> Application:
     """The application serving `docroot` with the php-cgi of the build in `out`.
 
     The wasm module sees the document root read-only at /srv, the state directory read-write at
@@ -386,7 +394,7 @@ def php_application(out: Path, manifest: dict[str, Any], docroot: Path, *, nativ
     (state / "tmp").mkdir(parents=True, exist_ok=True)
     backend: Backend
     if native:
-        args = php_arguments(str, state, max_body_mib, opcache)
+        args = php_arguments(str, state, max_body_mib, opcache, fixed_code)
         backend = NativeBackend(out / program, args, docroot)
         variables = {"WASMFORGE_STATE": str(state), "TMPDIR": str(state / "tmp")}
     else:
@@ -396,7 +404,7 @@ def php_application(out: Path, manifest: dict[str, Any], docroot: Path, *, nativ
         # Directories of the site the application writes (uploads): read-write within the read-only
         # document root (wasi-libc resolves a path through the deepest preopen that holds it).
         dirs += [(f"/srv/{d.resolve().relative_to(docroot).as_posix()}", d.resolve(), True) for d in writable]
-        args = php_arguments(lambda p: guest_path(dirs, p), state, max_body_mib, opcache)
+        args = php_arguments(lambda p: guest_path(dirs, p), state, max_body_mib, opcache, fixed_code)
         backend = WasmBackend(out / program, args, dirs, workers, memory_mib << 20, log=log, lock_root=state)
         # TMPDIR: where C libraries put temporary files (SQLite its statement journals), as anywhere.
         variables = {"WASMFORGE_STATE": "/state", "TMPDIR": "/state/tmp"}

@@ -8,6 +8,7 @@ a wasm worker process (Python, wasmtime and the instance), or a native php-cgi p
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -84,7 +85,8 @@ def measure(build: Path, manifest: dict[str, Any], page: Page, *, native: bool, 
         writable = [docroot / rel for rel in page.app.site.get("writable", [])]
     assert docroot is not None
     app = php_application(build, manifest, docroot, native=native, workers=workers, state=state, timeout=30,
-                          memory_mib=512, max_body_mib=8, log=lambda line: None, opcache=opcache, writable=writable)
+                          memory_mib=512, max_body_mib=8, log=lambda line: None, opcache=opcache, writable=writable,
+                          fixed_code=page.app is not None)
     server = BackgroundServer(app, threads=max(4, 2 * workers))
     url = server.url + page.path
     try:
@@ -172,10 +174,11 @@ def render(target: str, rows: list[tuple[str, Load, Load]], command: str, second
              f"- machine: {machine_description()}",
              f"- server: `invoke serve`'s (waitress), {workers} PHP workers, OPcache file cache "
              f"{'on' if opcache else 'off'}; wasm: php-cgi.wasm precompiled, wasmtime {wasmtime_version()} "
-             "(Python package), a fresh instance per request; native: php-cgi of the same sources, one process "
+             "(Python package), a fresh instance per request, each worker on one CPU; native: php-cgi of the same "
+             "sources, one process "
              "per request (classic CGI)",
              f"- load: {wrk_version}, `-t1 -c{connections} -d{seconds}s --latency`, 127.0.0.1, the server and wrk "
-             "on the same 2 cores",
+             f"on the same {len(os.sched_getaffinity(0))} cores",
              "",
              "| page | native req/s | wasm req/s | wasm / native | native p50 | wasm p50 | native p99 | wasm p99 "
              "| p99 wasm / native | memory per worker (native / wasm) | failed (native / wasm) |",
