@@ -249,15 +249,17 @@ def test_wasmedges_compiled_forms_are_made_before_the_runs_that_need_them(toolch
 
 
 # What the issue promised and docs/runtimes.md measured: each build's smoke tests in each runtime that
-# can run it, and in WasmEdge's AOT form only the build without exception handling (its compiler
-# refuses the others, and the test says so rather than skipping).
+# can run it; WasmEdge's AOT compiler refuses the builds with exception handling, and the test says so
+# rather than skipping. The portable PHP in WasmEdge's AOT form passes too, but compiling its two
+# programs takes WasmEdge ~10 minutes on 2 cores, more than a tenth of CI's time on a fresh machine:
+# `invoke matrix-test php-7.4.33` runs it and publishes the result in docs/runtimes.md, as it does the
+# conformance and benchmark tasks.
 SMOKE_IN_RUNTIMES = [
     ("lua_build", "lua-5.4.7", "wasmedge", "pass"), ("lua_build", "lua-5.4.7", "node", "pass"),
     ("lua_build", "lua-5.4.7", "wasmedge-aot", "refused"),
     ("php", "php-7.4.33", "wasmedge", "pass"), ("php", "php-7.4.33", "node", "pass"),
     ("php", "php-7.4.33", "wasmedge-aot", "refused"),
     ("php_portable", "php-7.4.33-portable", "wasmedge", "pass"),
-    ("php_portable", "php-7.4.33-portable", "wasmedge-aot", "pass"),
     ("php_portable", "php-7.4.33-portable", "node", "pass"),
 ]
 
