@@ -292,6 +292,10 @@ class _Worker:
         self.proc = subprocess.Popen([sys.executable, "-m", "wasmforge.cgi"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, start_new_session=True)
         self.pid, self.cpu = self.proc.pid, config["cpu"]
+        # Pinned at once, while its interpreter starts and before it has made any thread (the threads it
+        # makes inherit this), so no worker that the pool holds ever runs elsewhere.
+        with contextlib.suppress(OSError):  # it died at once: its first request says so
+            os.sched_setaffinity(self.pid, {self.cpu})
         assert self.proc.stdin and self.proc.stdout
         self.to_worker, self.from_worker = self.proc.stdin, self.proc.stdout
         self.ready = False
@@ -357,9 +361,6 @@ def worker_main() -> None:
     if first is None:
         return
     config = first[0]
-    # Before wasmtime starts any thread: they all inherit this CPU (see WasmBackend).
-    with contextlib.suppress(OSError):
-        os.sched_setaffinity(0, {config["cpu"]})
     try:
         module, exceptions, _ = Runner().load(Path(config["module"]))
         engine = make_engine(exceptions, False)
