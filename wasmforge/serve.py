@@ -289,8 +289,9 @@ def php_arguments(to_program: Callable[[Path], str], state: Path, max_body_mib: 
                 "post_max_size": f"{max_body_mib}M", "upload_max_filesize": f"{max_body_mib}M",
                 "upload_tmp_dir": tmp, "sys_temp_dir": tmp, "session.save_path": tmp}
     if opcache:
-        if fixed_code:
-            shutil.rmtree(state / "opcache", ignore_errors=True)
+        if fixed_code and (state / "opcache").exists():
+            # Not ignore_errors: a cache left half removed would be trusted. An OSError names the path.
+            shutil.rmtree(state / "opcache")
         (state / "opcache").mkdir(exist_ok=True)
         settings |= {"opcache.enable": "1", "opcache.file_cache": to_program(state / "opcache"),
                      "opcache.file_cache_only": "1", "opcache.validate_timestamps": "0" if fixed_code else "1"}
