@@ -215,7 +215,7 @@ class WasmBackend(Backend):
         return guest_path(self.dirs, host)
 
     def _spawn(self, cpu: int) -> _Worker:
-        worker = _Worker({**self.config, "cpu": cpu})
+        worker = _Worker(self.config, cpu)
         with self.lock:
             self.all.add(worker)
         return worker
@@ -288,10 +288,10 @@ def remove_dot_locks(root: Path) -> list[Path]:
 
 
 class _Worker:
-    def __init__(self, config: dict[str, Any]) -> None:
+    def __init__(self, config: dict[str, Any], cpu: int) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "wasmforge.cgi"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, start_new_session=True)
-        self.pid, self.cpu = self.proc.pid, config["cpu"]
+        self.pid, self.cpu = self.proc.pid, cpu
         # Pinned at once, while its interpreter starts and before it has made any thread (the threads it
         # makes inherit this), so no worker that the pool holds ever runs elsewhere.
         with contextlib.suppress(OSError):  # it died at once: its first request says so
