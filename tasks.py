@@ -469,7 +469,8 @@ def conformance(ctx, target, jobs=None, output=None, from_logs=False):
                              hint="add conformance: {driver: php-run-tests, programs: {...}, suites: [...], report: ...}")
     programs: dict[str, str] = spec["programs"]
     _, native, _ = _built(config, book, target, native=True)
-    dirs = _remainder(ctx) or package.conformance_suites()
+    chosen = _remainder(ctx)  # suites named after `--`: a run of those only
+    dirs = chosen or package.conformance_suites()
     if from_logs:
         results = results_from_logs(package, config, dirs)
     else:
@@ -477,12 +478,12 @@ def conformance(ctx, target, jobs=None, output=None, from_logs=False):
                                   native={r: native / "bin" / p for r, p in programs.items()}, dirs=dirs,
                                   jobs=config.jobs, log=log,
                                   readonly_dirs={r: run_defaults(out, manifest, p)[0] for r, p in programs.items()})
-    command = "invoke conformance " + target + (" -- " + " ".join(_remainder(ctx)) if _remainder(ctx) else "")
-    report = report_path(package, config, Path(output) if output else None, subset=bool(_remainder(ctx)))
+    command = "invoke conformance " + target + (" -- " + " ".join(chosen) if chosen else "")
+    report = report_path(package, config, Path(output) if output else None, subset=bool(chosen))
     report.parent.mkdir(parents=True, exist_ok=True)
     tree = config.outputs / ".conformance" / package.target / "src"
     report.write_text(render_report(package, results, command, tree))
-    print(f"wrote {report}" + ("" if output or not _remainder(ctx) else
+    print(f"wrote {report}" + ("" if output or not chosen else
                                f" (some suites only: the full run writes {package.conformance_report()})"))
 
 
