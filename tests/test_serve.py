@@ -90,6 +90,12 @@ def test_opcache_trusts_an_assembled_apps_scripts_and_starts_its_file_cache_afre
     assembled = php_arguments(str, tmp_path, 8, opcache=True, fixed_code=True)
     assert "opcache.validate_timestamps=0" in assembled and f"opcache.file_cache={tmp_path / 'opcache'}" in assembled
     assert (tmp_path / "opcache").is_dir() and not any((tmp_path / "opcache").iterdir())
+    # A cache that cannot be emptied (here a link to elsewhere) stops the start, with its path.
+    (tmp_path / "opcache").rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "opcache").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(WasmforgeError, match="cannot empty OPcache's file cache .*opcache"):
+        php_arguments(str, tmp_path, 8, opcache=True, fixed_code=True)
 
 
 @pytest.fixture

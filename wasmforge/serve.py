@@ -290,8 +290,14 @@ def php_arguments(to_program: Callable[[Path], str], state: Path, max_body_mib: 
                 "upload_tmp_dir": tmp, "sys_temp_dir": tmp, "session.save_path": tmp}
     if opcache:
         if fixed_code and (state / "opcache").exists():
-            # Not ignore_errors: a cache left half removed would be trusted. An OSError names the path.
-            shutil.rmtree(state / "opcache")
+            # Not ignore_errors: a cache left half removed would be trusted.
+            try:
+                shutil.rmtree(state / "opcache")
+            except OSError as exc:
+                from .errors import WasmforgeError
+
+                raise WasmforgeError(f"cannot empty OPcache's file cache {state / 'opcache'}: {exc.strerror or exc}",
+                                     hint="remove that directory yourself, or give another --state") from None
         (state / "opcache").mkdir(exist_ok=True)
         settings |= {"opcache.enable": "1", "opcache.file_cache": to_program(state / "opcache"),
                      "opcache.file_cache_only": "1", "opcache.validate_timestamps": "0" if fixed_code else "1"}
